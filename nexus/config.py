@@ -1,14 +1,28 @@
 """Configuration values (contract section 2).
 
 The classes here are the whole configuration as the rest of the gateway
-sees it: frozen ``attrs`` values, built once at start-up.
+sees it: frozen ``attrs`` values, built once at start-up by ``load_config``
+(TOML file, then ``NEXUS_*`` environment overrides, then validation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from types import MappingProxyType, UnionType
+from typing import Any, NoReturn, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import attrs
+import cattrs
+from cattrs.cols import is_mapping
+from cattrs.gen import make_mapping_structure_fn
 
 STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BACKEND_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "openai", "generic")
@@ -84,3 +98,436 @@ class Config:
     health_check: HealthCheckConfig = attrs.Factory(HealthCheckConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     backends: tuple[BackendConfig, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: TOML file -> NEXUS_* environment overrides -> validation -> cattrs -> Config.
+#
+# One mechanism checks everything: the validator walks the attrs fields and their types, so a
+# field added to a value class is validated, warned about and (if scalar) overridable from the
+# environment without new code here. What types cannot say (ranges, choices, URLs, sums, cycles)
+# lives in the two tables ``_RULES`` and ``_TABLE_CHECKS`` below.
+
+#: Longest alias chain accepted (``a -> b -> c -> d`` is 3 hops).
+MAX_ALIAS_HOPS = 3
+
+_ENV_PREFIX = "NEXUS"
+_ENV_TRUE = frozenset({"true", "1", "yes"})
+_ENV_FALSE = frozenset({"false", "0", "no"})
+_SCALARS: dict[type, tuple[str, str]] = {
+    # type -> (how to name one, how to name several) in messages
+    bool: ("a boolean (true or false)", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+_KeyPath = tuple[str | int, ...]
+_Rule = Callable[[Any], Any]
+
+
+class _Invalid(Exception):
+    """A value's problem; whoever catches it knows where the value came from."""
+
+
+def load_config(
+    path: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[Config, list[str]]:
+    """Read ``path`` (TOML; None for defaults only), apply ``NEXUS_*`` overrides, validate.
+
+    Returns the configuration and warnings to show the operator (unknown keys and the like).
+    Raises ConfigError, with a one-line message naming the file and key, on any problem.
+    ``environ`` defaults to ``os.environ``.
+    """
+    if path is None:
+        return parse_config({}, "defaults", environ)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {_one_line(str(e))}") from None
+    return parse_config(data, path, environ)
+
+
+def parse_config(
+    data: Mapping[str, object], source: str, environ: Mapping[str, str] | None = None
+) -> tuple[Config, list[str]]:
+    """Validate already-parsed TOML ``data`` (from ``source``, used in messages) into a Config.
+
+    Applies ``NEXUS_*`` overrides from ``environ`` (default ``os.environ``) on top of ``data``;
+    returns the configuration and the warnings, or raises ConfigError.
+    """
+    env = os.environ if environ is None else environ
+    merged, origins = _apply_environment(data, env)
+    validator = _Validator(source, origins, env)
+    clean = validator.table(Config, merged, ())
+    return _converter.structure(clean, Config), validator.warnings
+
+
+# ---- environment
+
+
+@functools.cache
+def _env_fields() -> dict[str, tuple[tuple[str, str], type]]:
+    """``NEXUS_<SECTION>_<KEY>`` -> ((section, key), type) for every scalar section field."""
+    out: dict[str, tuple[tuple[str, str], type]] = {}
+    for section in _fields(Config):
+        section_type: Any = section.type
+        if not attrs.has(section_type):
+            continue
+        for field in _fields(section_type):
+            if field.type in _SCALARS:
+                name = f"{_ENV_PREFIX}_{section.name}_{field.name}".upper()
+                out[name] = ((section.name, field.name), field.type)
+    return out
+
+
+def _apply_environment(
+    data: Mapping[str, object], environ: Mapping[str, str]
+) -> tuple[dict[str, object], dict[_KeyPath, str]]:
+    """``data`` with environment values laid over it, and which variable set which key."""
+    merged = dict(data)
+    origins: dict[_KeyPath, str] = {}
+    for var, ((section, key), tp) in _env_fields().items():
+        if var not in environ:
+            continue
+        try:
+            value = _from_env(environ[var], tp)
+        except _Invalid as e:
+            raise ConfigError(f"environment: {var}: {e}") from None
+        table = merged.get(section, {})
+        # A section that is not a table is the file's error; validation reports it.
+        if isinstance(table, Mapping):
+            merged[section] = {**table, key: value}
+            origins[(section, key)] = var
+    return merged, origins
+
+
+def _from_env(raw: str, tp: type) -> object:
+    """Convert an environment variable's text to ``tp``."""
+    text = raw.strip()
+    if tp is bool:
+        if text.lower() in _ENV_TRUE:
+            return True
+        if text.lower() in _ENV_FALSE:
+            return False
+        raise _Invalid(f"expected true/false, 1/0 or yes/no, got {raw!r}")
+    if tp is int or tp is float:
+        try:
+            return tp(text)
+        except ValueError:
+            raise _Invalid(f"expected {_SCALARS[tp][0]}, got {raw!r}") from None
+    return raw
+
+
+# ---- rules: what a value's type does not say
+
+
+def _at_least(low: int) -> _Rule:
+    def rule(value: float) -> float:
+        if value < low:
+            raise _Invalid(f"must be at least {low}, got {_num(value)}")
+        return value
+
+    return rule
+
+
+def _greater_than(low: int) -> _Rule:
+    def rule(value: float) -> float:
+        if value <= low:
+            raise _Invalid(f"must be greater than {low}, got {_num(value)}")
+        return value
+
+    return rule
+
+
+def _one_of(choices: tuple[str, ...], what: str) -> _Rule:
+    def rule(value: str) -> str:
+        if value not in choices:
+            raise _Invalid(f"unknown {what} {value!r} (expected one of {', '.join(choices)})")
+        return value
+
+    return rule
+
+
+def _http_url(value: str) -> str:
+    """A backend base URL, without its trailing ``/`` (paths are appended to it)."""
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in value):
+        raise _Invalid(f"must be an http:// or https:// URL with a host, got {value!r}")
+    if parts.query or parts.fragment:
+        raise _Invalid(f"must be a base URL without ?query or #fragment, got {value!r}")
+    return value.rstrip("/")
+
+
+#: Checks on single values, by (class, field); for a container field, on each item.
+_RULES: dict[tuple[type, str], _Rule] = {
+    (ServerConfig, "request_timeout_seconds"): _greater_than(0),
+    (ServerConfig, "max_body_bytes"): _at_least(1),
+    (HealthCheckConfig, "interval_seconds"): _greater_than(0),
+    (HealthCheckConfig, "timeout_seconds"): _greater_than(0),
+    (HealthCheckConfig, "failure_threshold"): _at_least(1),
+    (HealthCheckConfig, "recovery_threshold"): _at_least(1),
+    (RoutingConfig, "strategy"): _one_of(STRATEGIES, "strategy"),
+    (RoutingConfig, "max_retries"): _at_least(0),
+    **{(Weights, f.name): _at_least(0) for f in attrs.fields(Weights)},
+    (BackendConfig, "url"): _http_url,
+    (BackendConfig, "type"): _one_of(BACKEND_TYPES, "backend type"),
+    (BackendConfig, "priority"): _at_least(0),
+    (BackendConfig, "model_capabilities"): _one_of(CAPABILITIES, "capability"),
+}
+
+
+# ---- checks across the keys of one table (run on the validated values)
+
+
+def _check_weights(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    weights: dict[str, Any] = {f.name: values.get(f.name, f.default) for f in attrs.fields(Weights)}
+    total = sum(weights.values())
+    if not math.isclose(total, 100, abs_tol=1e-6):
+        terms = " + ".join(f"{name} {_num(w)}" for name, w in weights.items())
+        v.fail(path, f"weights must sum to 100, got {_num(total)} ({terms})")
+
+
+def _check_routing(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    aliases: dict[str, str] = values.get("aliases", {})
+    where = (*path, "aliases")
+    for alias, target in aliases.items():
+        if alias == target:
+            v.fail((*where, alias), f"alias {alias!r} points to itself")
+    chains = {alias: _alias_chain(aliases, alias) for alias in aliases}
+    # Every cycle first: it is the more fundamental mistake, and also makes a long chain.
+    for chain in chains.values():
+        if chain[-1] in chain[:-1]:
+            cycle = chain[chain.index(chain[-1]) :]
+            v.fail(where, f"alias cycle {' -> '.join(cycle)}")
+    for alias, chain in chains.items():
+        if len(chain) - 1 > MAX_ALIAS_HOPS:
+            v.fail(
+                (*where, alias),
+                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {' -> '.join(chain)}",
+            )
+
+
+def _alias_chain(aliases: Mapping[str, str], start: str) -> list[str]:
+    """``start`` and the names it resolves through; ends at a non-alias or at a repeat."""
+    chain = [start]
+    while chain[-1] in aliases:
+        chain.append(aliases[chain[-1]])
+        if chain[-1] in chain[:-1]:
+            break
+    return chain
+
+
+def _check_backend(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    var = values.get("api_key_env")
+    if var is not None and var not in v.environ:
+        v.warn((*path, "api_key_env"), f"environment variable {var!r} is not set")
+
+
+def _check_config(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    seen: set[str] = set()
+    for i, backend in enumerate(values.get("backends", [])):
+        if backend["name"] in seen:
+            v.fail((*path, "backends", i, "name"), f"duplicate backend name {backend['name']!r}")
+        seen.add(backend["name"])
+
+
+_TABLE_CHECKS: dict[type, Callable[[_Validator, dict[str, Any], _KeyPath], None]] = {
+    Weights: _check_weights,
+    RoutingConfig: _check_routing,
+    BackendConfig: _check_backend,
+    Config: _check_config,
+}
+
+
+# ---- the validator
+
+
+class _Validator:
+    """Checks raw data against the attrs classes; returns plain values for cattrs.
+
+    ``origins`` says which keys came from which environment variable, so their errors name
+    the variable instead of the file.
+    """
+
+    def __init__(
+        self, source: str, origins: Mapping[_KeyPath, str], environ: Mapping[str, str]
+    ) -> None:
+        self.source = source
+        self.origins = origins
+        self.environ = environ
+        self.warnings: list[str] = []
+
+    def where(self, path: _KeyPath) -> str:
+        if path in self.origins:
+            return f"environment: {self.origins[path]}"
+        return f"{self.source}: {_dotted(path)}" if path else self.source
+
+    def fail(self, path: _KeyPath, message: str) -> NoReturn:
+        raise ConfigError(f"{self.where(path)}: {message}")
+
+    def warn(self, path: _KeyPath, message: str) -> None:
+        self.warnings.append(f"{self.where(path)}: {message}")
+
+    def table(self, cls: type, raw: object, path: _KeyPath) -> dict[str, Any]:
+        """Validate a table for attrs class ``cls``: known keys checked, unknown ones warned."""
+        if not isinstance(raw, Mapping):
+            self.fail(path, f"expected a table, got {_describe(raw)}")
+        fields = {f.name: f for f in _fields(cls)}
+        values: dict[str, Any] = {}
+        # In the file's order, so that warnings read in the order the operator wrote the keys.
+        for key, item in raw.items():
+            field = fields.get(key)
+            if field is None:
+                self.warnings.append(
+                    f"{self.source}: unknown key '{_dotted((*path, key))}' (ignored)"
+                )
+            else:
+                values[key] = self.value(item, field.type, (*path, key), _RULES.get((cls, key)))
+        for name, field in fields.items():
+            tp: Any = field.type
+            default: Any = field.default
+            if name in values:
+                continue
+            if default is attrs.NOTHING:
+                self.fail((*path, name), "required key missing")
+            if attrs.has(tp):
+                values[name] = self.table(tp, {}, (*path, name))
+            elif isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # typed as a function
+                # Structured like given values, so every table is read-only, not just some.
+                values[name] = default.factory()
+        check = _TABLE_CHECKS.get(cls)
+        if check is not None:
+            check(self, values, path)
+        return values
+
+    def value(self, raw: object, tp: Any, path: _KeyPath, rule: _Rule | None = None) -> Any:
+        """Validate ``raw`` against type ``tp``; ``rule`` applies to each scalar in it."""
+        if attrs.has(tp):
+            return self.table(tp, raw, path)
+        origin, args = get_origin(tp), get_args(tp)
+        if origin in (UnionType, Union):  # ``X | None``: TOML has no null, code may pass None
+            if raw is None:
+                return None
+            (tp,) = (a for a in args if a is not type(None))
+            return self.value(raw, tp, path, rule)
+        if origin in (tuple, frozenset):
+            if not isinstance(raw, list | tuple):
+                self.fail(path, f"expected {_expected(tp)}, got {_describe(raw)}")
+            return [self.value(item, args[0], (*path, i), rule) for i, item in enumerate(raw)]
+        if origin is Mapping:
+            if not isinstance(raw, Mapping):
+                self.fail(path, f"expected {_expected(tp)}, got {_describe(raw)}")
+            table = {}
+            for key, item in raw.items():
+                at = (*path, key)
+                table[self.value(key, args[0], at)] = self.value(item, args[1], at, rule)
+            return table
+        return self.scalar(raw, tp, path, rule)
+
+    def scalar(self, raw: object, tp: type, path: _KeyPath, rule: _Rule | None) -> Any:
+        # bool is an int subclass in Python, but ``enabled = 1`` or ``priority = true`` is a typo.
+        ok = isinstance(raw, tp) and (tp is bool or not isinstance(raw, bool))
+        if tp is float:
+            ok = isinstance(raw, int | float) and not isinstance(raw, bool)
+        if not ok:
+            self.fail(path, f"expected {_expected(tp)}, got {_describe(raw)}")
+        if isinstance(raw, float) and not math.isfinite(raw):
+            self.fail(path, f"must be a finite number, got {raw!r}")
+        if isinstance(raw, str) and not raw.strip():
+            self.fail(path, "must not be empty")
+        if rule is not None:
+            try:
+                return rule(raw)
+            except _Invalid as e:
+                self.fail(path, str(e))
+        return raw
+
+
+# ---- helpers
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[attrs.Attribute[Any], ...]:
+    """``cls``'s attrs fields with their annotations resolved to real types."""
+    return tuple(attrs.fields(attrs.resolve_types(cls)))
+
+
+def _expected(tp: Any) -> str:
+    """How a message names type ``tp``: "an integer", "an array of strings"..."""
+    if attrs.has(tp) or get_origin(tp) is Mapping:
+        return "a table"
+    if get_origin(tp) in (tuple, frozenset):
+        item = get_args(tp)[0]
+        return f"an array of {'tables' if attrs.has(item) else _SCALARS[item][1]}"
+    return _SCALARS[tp][0]
+
+
+def _describe(value: object) -> str:
+    """A value as the operator wrote it, in TOML words: ``string 'abc'``, ``integer 3``."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f"string {text!r}"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return f"{type(value).__name__} {value.isoformat()}"
+    return "null" if value is None else type(value).__name__
+
+
+def _dotted(path: _KeyPath) -> str:
+    """``("backends", 0, "url")`` -> ``backends[0].url``; keys quoted as TOML would need."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            out += f".{key}" if out else key
+    return out
+
+
+def _num(value: float) -> str:
+    """A number for a message: ``30`` rather than ``30.0``."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _make_converter() -> cattrs.Converter:
+    """The converter from validated plain values to the value classes."""
+    converter = cattrs.Converter(forbid_extra_keys=True)
+
+    # The config is frozen; its tables should not be mutable behind its back either.
+    def read_only_mapping(tp: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+        structure = make_mapping_structure_fn(tp, conv)
+        return lambda value, _: MappingProxyType(structure(value, tp))
+
+    converter.register_structure_hook_factory(is_mapping, read_only_mapping)
+    return converter
+
+
+_converter = _make_converter()
