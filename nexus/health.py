@@ -1,0 +1,170 @@
+"""Health polling and model discovery (contract section 3).
+
+Every interval all backends are probed concurrently, each probe bounded by
+the configured timeout, so a hung backend never delays the others or the next
+round. A probe never raises: whatever happens becomes a success or a failure
+of that one backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from nexus.config import HealthCheckConfig
+from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend, BackendRegistry
+
+log = Logger()
+
+
+class ProbeFailed(Exception):
+    """A health probe got no usable answer; the message says why."""
+
+
+def _models_from_openai(payload: Any) -> list[str]:
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ProbeFailed("/v1/models answer has no 'data' list")
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _models_from_ollama(payload: Any) -> list[str]:
+    models = payload.get("models") if isinstance(payload, dict) else None
+    if not isinstance(models, list):
+        raise ProbeFailed("/api/tags answer has no 'models' list")
+    return [m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+
+def auth_headers(backend: Backend, environ: Mapping[str, str]) -> dict[bytes, list[bytes]]:
+    """The bearer header for a backend with its own ``api_key_env``, else nothing."""
+    env = backend.config.api_key_env
+    key = environ.get(env) if env else None
+    return {b"Authorization": [b"Bearer " + key.encode("latin-1")]} if key else {}
+
+
+class HealthPoller:
+    """Probes every backend, updates the registry, records probe latency.
+
+    ``http`` is a treq ``HTTPClient`` (the shared pool's, or ``StubTreq`` in
+    tests); ``clock`` measures latency and bounds each probe.
+    """
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        config: HealthCheckConfig,
+        http: Any,
+        clock: IReactorTime,
+        record_latency: Callable[[str, float], None] | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.http = http
+        self.clock = clock
+        self.record_latency = record_latency
+        self.environ = environ
+
+    def check_all(self) -> Deferred[None]:
+        """Probe every backend concurrently; fires when all are done."""
+        probes = [ensureDeferred(self.check(b)) for b in self.registry.backends]
+        return DeferredList(probes, consumeErrors=True).addCallback(lambda _: None)
+
+    async def check(self, backend: Backend) -> None:
+        """Probe one backend and apply the result to its status."""
+        try:
+            models = await self._probe(backend)
+        except Exception as e:  # every failure counts against this backend only
+            self._failed(backend, _describe(e))
+        else:
+            self._succeeded(backend, models)
+
+    async def _get_json(self, backend: Backend, path: str) -> Any:
+        started = self.clock.seconds()
+        response = await self.http.get(
+            backend.config.url + path,
+            headers=auth_headers(backend, self.environ),
+            timeout=self.config.timeout_seconds,
+            reactor=self.clock,
+            allow_redirects=False,
+        )
+        body = await response.content()
+        if self.record_latency is not None:
+            try:
+                self.record_latency(backend.name, self.clock.seconds() - started)
+            except Exception:
+                log.failure("recording probe latency failed")
+        if response.code != 200:
+            raise ProbeFailed(f"GET {path} answered {response.code}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ProbeFailed(f"GET {path} answered invalid JSON") from None
+
+    async def _probe(self, backend: Backend) -> list[str] | None:
+        kind = backend.config.type
+        if kind == "ollama":
+            return _models_from_ollama(await self._get_json(backend, "/api/tags"))
+        if kind == "llamacpp":
+            status = await self._get_json(backend, "/health")
+            if not (isinstance(status, dict) and status.get("status") == "ok"):
+                raise ProbeFailed(f"/health says {status!r}")
+            try:
+                return _models_from_openai(await self._get_json(backend, "/v1/models"))
+            except Exception as e:
+                # Healthy but cannot list: keep the models we know.
+                log.debug("{backend}: model list unavailable: {e}", backend=backend.name, e=e)
+                return None
+        return _models_from_openai(await self._get_json(backend, "/v1/models"))
+
+    def _succeeded(self, backend: Backend, models: list[str] | None) -> None:
+        backend.consecutive_failures = 0
+        backend.consecutive_successes += 1
+        backend.last_error = None
+        if models is not None:
+            self.registry.set_models(backend, models)
+        if backend.status == UNKNOWN or (
+            backend.status == UNHEALTHY
+            and backend.consecutive_successes >= self.config.recovery_threshold
+        ):
+            if backend.status != UNKNOWN:
+                log.info("backend {backend} is healthy again", backend=backend.name)
+            backend.status = HEALTHY
+
+    def _failed(self, backend: Backend, why: str) -> None:
+        backend.consecutive_successes = 0
+        backend.consecutive_failures += 1
+        backend.last_error = why
+        if backend.status == UNKNOWN or (
+            backend.status == HEALTHY
+            and backend.consecutive_failures >= self.config.failure_threshold
+        ):
+            log.warn("backend {backend} is unhealthy: {why}", backend=backend.name, why=why)
+            backend.status = UNHEALTHY
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ProbeFailed):
+        return str(e)
+    name = type(e).__name__
+    return f"{name}: {e}" if str(e) else name
+
+
+class HealthService(TimerService):
+    """Runs ``poller.check_all`` every interval, first at start.
+
+    TimerService waits for each round's Deferred before scheduling the next, and
+    ``check_all`` never fails, so the loop never stops on its own.
+    """
+
+    def __init__(self, poller: HealthPoller, clock: IReactorTime) -> None:
+        super().__init__(poller.config.interval_seconds, poller.check_all)
+        self.clock = clock
+        self.name = "health"
