@@ -1,0 +1,781 @@
+"""The mock inference backend, over real HTTP on 127.0.0.1 with the real reactor."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+
+import nexus.mock
+from nexus.mock import (
+    FAIL_MODES,
+    HUGE_LENGTH,
+    MockBackend,
+    MockSettings,
+    Options,
+    listen_mock,
+    makeService,
+    stream_piece,
+)
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+REPO = Path(nexus.mock.__file__).resolve().parent.parent
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``condition`` every 5 ms; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await deferLater(reactor, 0.005, lambda: None)
+
+
+def mock_timers() -> list[Any]:
+    """Delayed calls scheduled by nexus.mock (a leak if any remain once a request is over)."""
+    return [
+        c for c in reactor.getDelayedCalls() if getattr(c.func, "__module__", "") == "nexus.mock"
+    ]
+
+
+class Body(protocol.Protocol):
+    """Collects a response body as it arrives and can hang up on it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reads = 0
+        self.reason: Failure | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.reads += 1
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+    def events(self) -> list[bytes]:
+        """Complete SSE events received so far (the ``data: `` payloads)."""
+        return [e.removeprefix(b"data: ") for e in self.data.split(b"\n\n")[:-1]]
+
+    def hang_up(self) -> None:
+        # The body transport has no abortConnection; stopProducing drops the connection.
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
+class Client:
+    """treq against one mock, on a non-persistent pool so nothing outlives the test."""
+
+    def __init__(self, backend: MockBackend, persistent: bool = False) -> None:
+        self.backend = backend
+        self.pool = HTTPConnectionPool(reactor, persistent=persistent)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+
+    def post(
+        self, path: str, body: Any, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Deferred[Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        return self.http.post(self.backend.url + path, data=data, headers=headers, **kw)
+
+    def chat(self, **fields: Any) -> Deferred[Any]:
+        body = {"model": "mock-model", "messages": MESSAGES, **fields}
+        return self.post(CHAT, body, unbuffered=True)
+
+    def get(self, path: str) -> Deferred[Any]:
+        return self.http.get(self.backend.url + path)
+
+    async def json(self, response: Any) -> Any:
+        return json.loads(await response.content())
+
+    async def body(self, response: Any) -> Body:
+        """Start receiving ``response``'s body; return the collector at once."""
+        body = Body()
+        response.deliverBody(body)
+        return body
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., tuple[MockBackend, Client]]]:
+    """Start mocks (port 0, 127.0.0.1) with clients; stop them all, and check for leaks."""
+    started: list[tuple[MockBackend, Client]] = []
+
+    def start_one(persistent: bool = False, **knobs: Any) -> tuple[MockBackend, Client]:
+        backend = listen_mock(reactor, MockSettings(**knobs))
+        client = Client(backend, persistent)
+        started.append((backend, client))
+        return backend, client
+
+    yield start_one
+    for backend, client in started:
+        pytest_twisted.blockon(client.pool.closeCachedConnections())
+        pytest_twisted.blockon(backend.stop())
+    assert mock_timers() == []
+
+
+# -- normal behaviour ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_completion_has_the_openai_shape_and_mock_headers(start: Any) -> None:
+    backend, client = start(name="alpha", models=["m1", "m2"], prompt_tokens=7)
+    response = await client.post(
+        CHAT,
+        {"model": "m2", "messages": MESSAGES, "user": "u"},
+        headers={"Authorization": "Bearer k"},
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert response.headers.getRawHeaders("x-mock-backend") == ["alpha"]
+    assert response.headers.getRawHeaders("x-mock-hop") == ["1"]
+    body = await client.json(response)
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["created"], int)
+    assert body["model"] == "m2"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from alpha"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+    stats = backend.stats()
+    assert stats["chat_requests"] == stats["completed"] == 1
+    assert stats["in_flight"] == stats["disconnects"] == 0
+    assert stats["last_request"]["body"] == {"model": "m2", "messages": MESSAGES, "user": "u"}
+    assert stats["last_request"]["headers"]["authorization"] == "Bearer k"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_response_gets_its_own_id(start: Any) -> None:
+    _, client = start()
+    first = await client.json(await client.chat())
+    second = await client.json(await client.chat())
+    assert first["id"] != second["id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_openai_client_understands_the_mock(start: Any) -> None:
+    backend, _ = start(name="gamma", models=["m"], stream_chunks=3)
+
+    def talk() -> tuple[Any, list[Any], list[str]]:
+        client = openai.OpenAI(base_url=backend.url + "/v1", api_key="k", max_retries=0)
+        try:
+            answer = client.chat.completions.create(model="m", messages=MESSAGES)
+            stream = client.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(stream)
+            models = [m.id for m in client.models.list()]
+        finally:
+            client.close()
+        return answer, chunks, models
+
+    answer, chunks, models = await deferToThread(talk)
+    assert answer.choices[0].message.content == "Hello from gamma"
+    assert answer.usage is not None and answer.usage.total_tokens == 15
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from gamma"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert models == ["m"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_survives_the_hop_by_hop_connection_header(start: Any) -> None:
+    backend, client = start(persistent=True)
+    for _ in range(3):
+        response = await client.chat()
+        assert response.code == 200
+        await response.content()
+    assert (await (await client.chat(stream=True)).content()).endswith(b"[DONE]\n\n")
+    assert backend.stats()["connections"] == 1
+
+
+class Wire(protocol.Protocol):
+    """Sends raw bytes and keeps everything that comes back until the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hop_by_hop_header_on_the_wire_keeps_connection_close(start: Any) -> None:
+    backend, _ = start()
+    body = json.dumps({"model": "mock-model", "messages": MESSAGES}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    wire = Wire(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", backend.port.getHost().port)
+    await connectProtocol(endpoint, wire)
+    await wire.closed.addTimeout(5, reactor)  # the server closes, as the client asked
+    head = wire.received.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert head[0] == b"http/1.1 200 ok"
+    assert b"connection: close" in head
+    assert b"connection: x-mock-hop" in head
+    assert b"x-mock-hop: 1" in head
+    assert b"x-mock-backend: mock" in head
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_log_event_per_request(start: Any) -> None:
+    _, client = start()
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        await (await client.chat()).content()
+        await (await client.get("/v1/models")).content()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    client_side = "twisted.web.client"
+    assert [e for e in logged if not e.get("log_namespace", "").startswith(client_side)] == []
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_stream_events_end_with_done(start: Any, include_usage: bool) -> None:
+    _, client = start(name="beta", stream_chunks=4, prompt_tokens=3)
+    response = await client.chat(stream=True, stream_options={"include_usage": include_usage})
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    assert response.headers.getRawHeaders("cache-control") == ["no-cache"]
+    raw = await response.content()
+    assert raw.endswith(b"\n\ndata: [DONE]\n\n")
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n")[:-1]]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = [c["choices"][0]["delta"]["content"] for c in chunks[1:5]]
+    assert content == [stream_piece("beta", i) for i in range(4)]
+    assert "".join(content).startswith("Hello from beta")
+    assert chunks[5]["choices"][0]["finish_reason"] == "stop"
+    if include_usage:
+        assert len(chunks) == 7
+        assert chunks[6]["choices"] == []
+        assert chunks[6]["usage"] == {
+            "prompt_tokens": 3,
+            "completion_tokens": 4,
+            "total_tokens": 7,
+        }
+    else:
+        assert len(chunks) == 6
+        assert all("usage" not in c for c in chunks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_events_are_paced_and_written_separately(start: Any) -> None:
+    backend, client = start(stream_chunks=3, stream_delay_ms=40)
+    began = time.monotonic()
+    response = await client.chat(stream=True)
+    body = await client.body(response)
+    await body.ended
+    elapsed = time.monotonic() - began
+    events = body.events()
+    assert len(events) == 6 and events[-1] == b"[DONE]"  # role, 3 content, finish, [DONE]
+    assert body.reads >= 6  # 40 ms apart: each event arrives on its own
+    assert elapsed >= 5 * 0.040
+    assert backend.stats()["completed"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_latency_delays_headers_and_a_client_leaving_cancels_the_timer(start: Any) -> None:
+    backend, client = start(latency_ms=60)
+    began = time.monotonic()
+    response = await client.chat()
+    assert response.code == 200
+    assert time.monotonic() - began >= 0.06
+    await response.content()
+
+    backend.configure(latency_ms=60_000)
+    d = client.chat()
+    await wait_for(lambda: backend.stats()["in_flight"] == 1, what="request received")
+    assert len(mock_timers()) == 1
+    d.cancel()
+    with pytest.raises((CancelledError, ResponseNeverReceived)):
+        await d
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+    assert mock_timers() == []
+    assert backend.stats()["in_flight"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_completion_tokens_can_be_set(start: Any) -> None:
+    _, client = start(completion_tokens=42, stream_chunks=2)
+    body = await client.json(await client.chat())
+    assert body["usage"]["completion_tokens"] == 42
+    raw = await (await client.chat(stream=True, stream_options={"include_usage": True})).content()
+    usage = json.loads(raw.split(b"\n\n")[-3].removeprefix(b"data: "))["usage"]
+    assert usage == {"prompt_tokens": 10, "completion_tokens": 42, "total_tokens": 52}
+
+
+# -- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"not json", None),
+        ([1, 2], None),
+        ({"messages": MESSAGES}, "model"),
+        ({"model": 3, "messages": MESSAGES}, "model"),
+        ({"model": "mock-model"}, "messages"),
+        ({"model": "mock-model", "messages": "hi"}, "messages"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_chat_requests_get_400(start: Any, body: Any, param: str | None) -> None:
+    _, client = start()
+    response = await client.post(CHAT, body)
+    assert response.code == 400
+    error = (await client.json(response))["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_temperature_above_2_is_refused_like_openai(start: Any) -> None:
+    _, client = start()
+    response = await client.chat(temperature=2.5)
+    assert response.code == 400
+    assert await client.json(response) == {
+        "error": {
+            "message": "temperature must be <= 2",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
+    assert (await client.chat(temperature=2)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unlisted_model_is_404_model_not_found(start: Any) -> None:
+    _, client = start(models=["a"])
+    response = await client.chat(model="b")
+    assert response.code == 404
+    error = (await client.json(response))["error"]
+    assert error["code"] == "model_not_found"
+    assert "b" in error["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_path_404_and_wrong_method_405(start: Any) -> None:
+    _, client = start()
+    response = await client.get("/v1/nothing")
+    assert response.code == 404
+    assert (await client.json(response))["error"]["code"] == "not_found"
+    response = await client.get(CHAT)
+    assert response.code == 405
+    assert response.headers.getRawHeaders("allow") == ["POST"]
+    assert (await client.json(response))["error"]["code"] == "method_not_allowed"
+
+
+# -- discovery -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "tags", "health"),
+    [
+        ("ollama", 200, 404),
+        ("llamacpp", 404, 200),
+        ("vllm", 404, 200),
+        ("openai", 404, 404),
+        ("lmstudio", 404, 404),
+        ("exo", 404, 404),
+        ("generic", 404, 404),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_discovery_endpoints_by_type(start: Any, kind: str, tags: int, health: int) -> None:
+    backend, client = start(type=kind, models=["x", "y"])
+    response = await client.get("/v1/models")
+    assert response.code == 200
+    assert await client.json(response) == {
+        "object": "list",
+        "data": [
+            {"id": "x", "object": "model", "created": 0, "owned_by": "mock"},
+            {"id": "y", "object": "model", "created": 0, "owned_by": "mock"},
+        ],
+    }
+    response = await client.get("/api/tags")
+    assert response.code == tags
+    if tags == 200:
+        models = (await client.json(response))["models"]
+        assert [(m["name"], m["model"]) for m in models] == [("x", "x"), ("y", "y")]
+    else:
+        await response.content()
+    response = await client.get("/health")
+    assert response.code == health
+    content = await response.content()
+    if kind == "llamacpp":
+        assert json.loads(content) == {"status": "ok"}
+    answered = 1 + (tags == 200) + (health == 200)
+    assert backend.stats()["health_checks"] == answered
+    assert backend.stats()["chat_requests"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_fail_and_flap(start: Any) -> None:
+    backend, client = start(type="llamacpp", health_fail=True)
+    for path in ("/health", "/v1/models"):
+        response = await client.get(path)
+        assert response.code == 500
+        assert (await client.json(response))["error"]["type"] == "server_error"
+    assert (await client.chat()).code == 200  # chat is not affected
+
+    backend.configure(health_fail=False, flap=True)
+    codes = []
+    for _ in range(3):
+        for path in ("/health", "/v1/models"):
+            response = await client.get(path)
+            await response.content()
+            codes.append(response.code)
+    # Each path alternates on its own: a two-probe check is all good or all bad.
+    assert codes == [200, 200, 500, 500, 200, 200]
+
+
+# -- failure modes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "code"), [("500", "internal_error"), ("503", "service_unavailable")]
+)
+@pytest_twisted.ensureDeferred
+async def test_fail_status(start: Any, mode: str, code: str) -> None:
+    backend, client = start(fail=mode)
+    for stream in (False, True):
+        response = await client.chat(stream=stream)
+        assert response.code == int(mode)
+        assert response.headers.getRawHeaders("x-mock-backend") == ["mock"]
+        error = (await client.json(response))["error"]
+        assert error["type"] == "server_error" and error["code"] == code
+    assert backend.stats()["completed"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_invalid_json(start: Any) -> None:
+    _, client = start(fail="invalid_json")
+    response = await client.chat()
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert await response.content() == b"not json{"
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_count_expires(start: Any) -> None:
+    backend, client = start(fail="503", fail_count=2)
+    codes = []
+    for _ in range(3):
+        response = await client.chat()
+        await response.content()
+        codes.append(response.code)
+    assert codes == [503, 503, 200]
+    assert backend.settings.fail is None
+    assert backend.settings.fail_count == -1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_hang_until_the_client_gives_up(start: Any) -> None:
+    backend, client = start(fail="hang")
+    d = client.chat().addTimeout(0.2, reactor)
+    with pytest.raises((CancelledError, ResponseNeverReceived)):
+        await d
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+    stats = backend.stats()
+    assert stats["in_flight"] == stats["completed"] == stats["aborted"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_reset_cuts_the_body(start: Any) -> None:
+    backend, client = start(fail="reset")
+    response = await client.chat()
+    assert response.code == 200
+    assert response.length > 0
+    with pytest.raises(ResponseFailed):
+        await response.content()
+
+    response = await client.chat(stream=True)
+    assert response.code == 200
+    body = await client.body(response)
+    await body.ended
+    assert body.reason is not None and body.reason.check(ResponseFailed)
+    assert len(body.events()) == 1  # the role event got through
+    await wait_for(lambda: backend.stats()["aborted"] == 2, what="aborts counted")
+    assert backend.stats()["disconnects"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_stall_stream_keeps_the_connection_silent(start: Any) -> None:
+    backend, client = start(fail="stall")
+    response = await client.chat(stream=True)
+    assert response.code == 200
+    body = await client.body(response)
+    await wait_for(lambda: len(body.events()) == 2, what="two events")
+    received = body.data
+    # Nothing more comes, and the connection stays open (a window, not a wait for state).
+    await deferLater(reactor, 0.15, lambda: None)
+    assert body.data == received and not body.ended.called
+    assert backend.stats()["in_flight"] == 1
+    body.hang_up()
+    await body.ended
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_stall_non_stream_sends_half_the_announced_body(start: Any) -> None:
+    backend, client = start(fail="stall")
+    response = await client.chat()
+    assert response.code == 200
+    body = await client.body(response)
+    await wait_for(lambda: len(body.data) > 0, what="part of the body")
+    assert len(body.data) == response.length // 2
+    assert not body.ended.called
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_truncated_sse_ends_cleanly_without_done(start: Any) -> None:
+    backend, client = start(fail="truncated_sse")
+    response = await client.chat(stream=True)
+    assert response.code == 200
+    raw = await response.content()  # the HTTP body itself ends properly
+    first, rest = raw.split(b"\n\n", 1)
+    assert json.loads(first.removeprefix(b"data: "))["object"] == "chat.completion.chunk"
+    assert rest == b'data: {"id": '
+    assert b"[DONE]" not in raw
+    await wait_for(lambda: backend.stats()["open_connections"] == 0, what="connection closed")
+    assert backend.stats()["completed"] == 1
+
+    response = await client.chat()  # non-stream: half the announced body, then FIN
+    with pytest.raises(ResponseFailed):
+        await response.content()
+    await wait_for(lambda: backend.stats()["aborted"] == 1, what="close counted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_huge_length(start: Any) -> None:
+    backend, client = start(fail="huge_length")
+    response = await client.chat()
+    assert response.code == 200
+    assert response.length == HUGE_LENGTH == 2147483648
+    body = await client.body(response)
+    await wait_for(lambda: len(body.data) > 0, what="a few bytes")
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_endless_until_the_client_leaves(start: Any) -> None:
+    backend, client = start(fail="endless", stream_delay_ms=2)
+    response = await client.chat(stream=True)
+    assert response.code == 200
+    body = await client.body(response)
+    await wait_for(lambda: len(body.events()) >= 20, what="twenty events")
+    chunks = [json.loads(e) for e in body.events()]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len(mock_timers()) == 1
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["disconnects"] == 1, what="disconnect counted")
+    assert mock_timers() == []
+
+    response = await client.chat()  # non-stream: a JSON body that never ends
+    body = await client.body(response)
+    await wait_for(lambda: len(body.data) >= 10, what="ten bytes")
+    assert body.data.startswith(b"{ ")
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["disconnects"] == 2, what="disconnect counted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_aborts_open_requests(start: Any) -> None:
+    backend, client = start(fail="hang")
+    d = client.chat()
+    await wait_for(lambda: backend.stats()["in_flight"] == 1, what="request received")
+    await backend.stop()
+    with pytest.raises(ResponseFailed):
+        await d
+    stats = backend.stats()
+    assert stats["aborted"] == 1 and stats["disconnects"] == 0 and stats["open_connections"] == 0
+
+
+# -- control API and settings ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_api(start: Any) -> None:
+    backend, client = start()
+    response = await client.post("/_mock/config", {"fail": "503", "fail_count": 1, "name": "b2"})
+    assert response.code == 200
+    config = await client.json(response)
+    assert config["fail"] == "503" and config["fail_count"] == 1 and config["name"] == "b2"
+    assert backend.settings.name == "b2"
+    assert (await client.chat()).code == 503
+    assert (await client.chat()).code == 200
+
+    for bad in ({"nope": 1}, {"name": "c", "fail": "bogus"}, {"latency_ms": -1}, [1]):
+        response = await client.post("/_mock/config", bad)
+        assert response.code == 400
+        assert (await client.json(response))["error"]["type"] == "invalid_request_error"
+    assert backend.settings.name == "b2"  # a refused update changes nothing
+
+    stats = await client.json(await client.get("/_mock/stats"))
+    assert stats["chat_requests"] == 2
+    assert stats["completed"] == 2
+    assert stats["in_flight"] == 0
+    assert stats["disconnects"] == 0
+    assert stats["health_checks"] == 0
+    assert stats["last_request"]["body"]["model"] == "mock-model"
+    assert stats["last_request"]["headers"]["content-type"] == "application/json"
+
+    reset = await client.json(await client.post("/_mock/reset", b""))
+    assert reset["chat_requests"] == reset["completed"] == 0
+    assert reset["last_request"] is None
+    assert backend.settings.name == "b2"  # settings survive a reset
+    assert (await client.json(await client.get("/_mock/config")))["name"] == "b2"
+
+
+def test_settings_are_validated_on_every_assignment() -> None:
+    settings = MockSettings()
+    for name, value in [
+        ("type", "tgi"),
+        ("fail", "explode"),
+        ("fail_count", -2),
+        ("latency_ms", -1),
+        ("stream_chunks", 1.5),
+        ("models", "m"),
+        ("health_fail", 1),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            setattr(settings, name, value)
+    backend = MockBackend(settings, reactor)
+    with pytest.raises(KeyError, match="unknown setting"):
+        backend.configure(nope=1)
+    assert set(FAIL_MODES) >= {"500", "hang", "endless"}
+
+
+def test_options() -> None:
+    options = Options()
+    options.parseOptions(
+        ["--port", "0", "--models", "a, b", "--type", "ollama", "--fail", "stall",
+         "--fail-count", "3", "--stream-delay-ms", "2.5", "--flap"]
+    )  # fmt: skip
+    settings = options["settings"]
+    assert settings.models == ["a", "b"] and settings.type == "ollama"
+    assert settings.fail == "stall" and settings.fail_count == 3
+    assert settings.stream_delay_ms == 2.5 and settings.flap
+    service = makeService(options, reactor)
+    assert service.backend.settings is settings and service.port_number == 0
+
+    assert Options().parseOptions([]) is None  # defaults are valid
+    for argv, message in [
+        (["--type", "tgi"], "type must be one of"),
+        (["--fail", "explode"], "fail must be one of"),
+        (["--models", ","], "models"),
+        (["--latency-ms", "-3"], "latency-ms"),
+        (["--port", "70000"], "port"),
+    ]:
+        with pytest.raises(usage.UsageError, match=message):
+            Options().parseOptions(argv)
+
+
+# -- as a process ----------------------------------------------------------------------------
+
+
+class Twistd(protocol.ProcessProtocol):
+    """Watches a twistd process's output for the URL it logs."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.url: Deferred[str] = Deferred()
+        self.reason: Failure | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", self.output)
+        if match and not self.url.called:
+            self.url.callback(match.group(1).decode())
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.url.called:
+            self.url.errback(AssertionError(self.output.decode(errors="replace")))
+        self.reason = reason
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_plugin_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    twistd = Path(sys.executable).with_name("twistd")
+    # The editable install hides twisted/plugins/ from Twisted's plugin scan (it only looks in
+    # sys.path directories), so the repository root goes on PYTHONPATH, as `make run` does.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [str(twistd), "--pidfile=", "-n", "nexus-mock", "--port", "0",
+            "--name", "proc", "--models", "p1,p2", "--type", "ollama"]  # fmt: skip
+    watcher = Twistd()
+    process = reactor.spawnProcess(watcher, str(twistd), args, env=env, path=str(tmp_path))
+    try:
+        url = await watcher.url.addTimeout(10, reactor)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = HTTPClient(Agent(reactor, pool=pool))
+        body = json.dumps({"model": "p2", "messages": MESSAGES}).encode()
+        response = await http.post(url + CHAT, data=body)
+        assert response.code == 200
+        assert response.headers.getRawHeaders("x-mock-backend") == ["proc"]
+        answer = json.loads(await response.content())
+        assert answer["choices"][0]["message"]["content"] == "Hello from proc"
+        tags = json.loads(await (await http.get(url + "/api/tags")).content())
+        assert [m["name"] for m in tags["models"]] == ["p1", "p2"]
+    finally:
+        if process.pid is not None:
+            os.kill(process.pid, 15)  # SIGTERM, by the PID of the process this test started
+        await watcher.ended.addTimeout(10, reactor)
+    # twistd re-raises the signal once shut down, so it ends "by signal 15", after a clean stop.
+    assert watcher.reason is not None
+    assert watcher.reason.check(ProcessDone, ProcessTerminated)
+    assert b"Server Shut Down" in watcher.output
