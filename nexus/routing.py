@@ -15,12 +15,10 @@ from operator import attrgetter
 
 import attrs
 
-from nexus.config import STRATEGIES, RoutingConfig, Weights
+from nexus.config import MAX_ALIAS_HOPS, STRATEGIES, RoutingConfig, Weights
 from nexus.errors import InvalidRequest, ModelNotFound, NoHealthyBackend
 from nexus.registry import Backend, BackendRegistry
 
-#: Most alias hops followed; config validation rejects longer chains, this is the backstop.
-MAX_ALIAS_HOPS = 3
 #: How many model names a 404 message lists before "… and N more".
 MAX_LISTED_MODELS = 20
 #: Longest client-supplied model name echoed back in an error message.

@@ -1,0 +1,152 @@
+"""``twistd nexus``: options and the service tree of a running gateway."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+
+from nexus.api import NexusAPI, NexusSite
+from nexus.config import BackendConfig, Config, ConfigError, load_config
+from nexus.health import HealthPoller, HealthService
+from nexus.metrics import MetricsCollector
+from nexus.mock import MockBackend, MockSettings, listen_mock
+from nexus.proxy import ChatCompletions
+from nexus.registry import BackendRegistry
+from nexus.routing import Router
+from nexus.upstream import UpstreamClient
+
+#: Models the embedded demo backend serves.
+DEMO_MODELS = ("demo", "demo-large")
+
+
+class Options(usage.Options):
+    """Command line of ``twistd nexus``."""
+
+    synopsis = "[--config nexus.toml] [--listen tcp:8000] [--demo]"
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (without one, demo mode)."],
+        ["listen", "l", None, "Where to listen, a strports description (overrides the file)."],
+    ]
+    optFlags = [["demo", None, "Also start an embedded mock backend on 127.0.0.1."]]
+    longdesc = "Nexus: one OpenAI-compatible endpoint in front of a fleet of inference servers."
+
+
+class _DemoBackendService(Service):
+    """Stops the (already listening) embedded demo backend when the gateway stops."""
+
+    name = "demo-backend"
+
+    def __init__(self, backend: MockBackend) -> None:
+        self.backend = backend
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.backend.stop()
+
+
+@attrs.define
+class Gateway:
+    """The parts of one running gateway, for wiring and for tests."""
+
+    config: Config
+    registry: BackendRegistry
+    router: Router
+    upstream: UpstreamClient
+    collector: MetricsCollector
+    poller: HealthPoller
+    api: NexusAPI
+    site: NexusSite
+
+
+def build_gateway(
+    config: Config, reactor: Any, environ: Mapping[str, str] | None = None
+) -> Gateway:
+    """Wire the gateway's parts for ``config`` (no listening, no timers yet)."""
+    environ = os.environ if environ is None else environ
+    now = time.monotonic
+    registry = BackendRegistry.from_config(config)
+    router = Router(registry, config.routing)
+    upstream = UpstreamClient(reactor)
+    collector = MetricsCollector(registry, clock=now)
+    poller = HealthPoller(
+        registry,
+        config.health_check,
+        upstream.http,
+        reactor,
+        collector.record_health_check,
+        environ=environ,
+    )
+    chat = ChatCompletions(
+        router,
+        upstream,
+        reactor,
+        request_timeout=config.server.request_timeout_seconds,
+        max_body_bytes=config.server.max_body_bytes,
+        max_retries=config.routing.max_retries,
+        now=now,
+        environ=environ,
+    )
+    api = NexusAPI(registry, router, chat, collector, now=now, wall_clock=time.time)
+    site = NexusSite(
+        api.app.resource(), config.server.max_body_bytes, collector, now, reactor=reactor
+    )
+    return Gateway(config, registry, router, upstream, collector, poller, api, site)
+
+
+def gateway_service(gateway: Gateway, reactor: Any) -> MultiService:
+    """The service tree: HTTP listener, connection pool, health poller."""
+    top = MultiService()
+    gateway.upstream.setServiceParent(top)
+    if gateway.config.health_check.enabled:
+        health = HealthService(gateway.poller, reactor)
+        health.clock = reactor
+        health.setServiceParent(top)
+    else:
+        # Without polling nothing would ever become healthy: trust the config.
+        for backend in gateway.registry.backends:
+            backend.status = "healthy"
+    listener = strports.service(gateway.config.server.listen, gateway.site, reactor=reactor)
+    listener.setName("http")
+    listener.setServiceParent(top)
+    return top
+
+
+def start_demo_backend(reactor: Any) -> tuple[BackendConfig, MockBackend]:
+    """Listen with an embedded mock backend on 127.0.0.1 (any free port)."""
+    settings = MockSettings(name="demo", models=list(DEMO_MODELS), stream_delay_ms=50)
+    backend = listen_mock(reactor, settings)
+    config = BackendConfig(name="demo", url=backend.url, type="openai", models=DEMO_MODELS)
+    return config, backend
+
+
+def makeService(options: Mapping[str, Any], reactor: Any = None) -> MultiService:
+    """Build the gateway's service tree from ``twistd nexus`` options."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        config, warnings = load_config(options.get("config"))
+    except ConfigError as e:
+        raise SystemExit(f"nexus: configuration error: {e}") from None
+    for warning in warnings:
+        print(f"nexus: warning: {warning}")
+    if options.get("listen"):
+        config = attrs.evolve(config, server=attrs.evolve(config.server, listen=options["listen"]))
+    demo_backend = None
+    if options.get("demo") or not options.get("config"):
+        demo, demo_backend = start_demo_backend(reactor)
+        config = attrs.evolve(config, backends=(*config.backends, demo))
+        print(f"nexus: demo backend at {demo.url} serving {', '.join(DEMO_MODELS)}")
+    top = gateway_service(build_gateway(config, reactor), reactor)
+    if demo_backend is not None:
+        _DemoBackendService(demo_backend).setServiceParent(top)
+    return top

@@ -1,0 +1,184 @@
+"""The gateway's HTTP client side: one connection pool, one Agent, cheap request bodies.
+
+The proxy hot path talks to ``twisted.web.client.Agent`` directly: treq's
+per-request URL parsing, cookie jar, redirect and decompression layers cost
+about a third of the throughput (shared/perf-notes.md) and do nothing a
+gateway needs. treq stays the client for everything else (health probes), on
+the same pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+#: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
+#: connections under any concurrency.
+MAX_PERSISTENT_PER_HOST = 256
+
+#: Largest non-streaming response body the gateway holds in memory.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go (no cooperator)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamClient(Service):
+    """Owns the shared connection pool and the clients built on it.
+
+    ``agent`` serves the proxy hot path, ``http`` (a treq ``HTTPClient``) the
+    health poller. Stopping the service closes every cached connection.
+    """
+
+    name = "upstream"
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        self.pool.retryAutomatically = False
+        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.http = HTTPClient(self.agent)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+class BodyTooLarge(Exception):
+    """A backend's response body exceeded MAX_RESPONSE_BYTES."""
+
+
+class _BodyCollector(Protocol):
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self.finished = finished
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.chunks = []
+            if not self.finished.called:
+                self.finished.errback(BodyTooLarge(f"response body over {self.limit} bytes"))
+            assert self.transport is not None
+            self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.chunks))
+        else:
+            self.finished.errback(reason)
+
+
+def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
+    """Read a whole response body, at most ``limit`` bytes; cancelling aborts it."""
+    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+        response.deliverBody(_Discard())
+        return Deferred.fromFailure(
+            Failure(BodyTooLarge(f"response declares {response.length} bytes"))
+        )
+    protocol: _BodyCollector
+
+    def cancel(d: Deferred[bytes]) -> None:
+        if protocol.transport is not None:
+            protocol.transport.stopProducing()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    protocol = _BodyCollector(finished, limit)
+    response.deliverBody(protocol)
+    return finished
+
+
+class _Discard(Protocol):
+    """Drops a body the gateway will not use, closing the connection at once."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
+def discard_body(response: IResponse) -> None:
+    """Throw away an unwanted response body, closing its connection."""
+    protocol: IProtocol = _Discard()
+    response.deliverBody(protocol)
+
+
+class UpstreamTimeout(Exception):
+    """An upstream operation did not finish in its time."""
+
+
+def with_timeout(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
+    """Cancel ``d`` after ``seconds``; it then fails with UpstreamTimeout.
+
+    Unlike ``Deferred.addTimeout`` this recognises the timeout whatever failure
+    the cancelled operation reports (the Agent wraps CancelledError in
+    ResponseNeverReceived).
+    """
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        d.cancel()
+
+    call = clock.callLater(max(seconds, 0.0), expire)
+
+    def settle(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        if expired and isinstance(result, Failure):
+            raise UpstreamTimeout()
+        return result
+
+    return d.addBoth(settle)

@@ -1,0 +1,290 @@
+"""End to end on the real reactor: real gateway, real mock backends, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+from nexus.config import BackendConfig
+from tests.support import Cleanup, start_gateway, start_mock, wait_for
+
+
+@pytest_twisted.async_yield_fixture
+async def cleanup() -> Any:
+    items = Cleanup()
+    yield items
+    await items.stop_all()
+
+
+async def error_of(response: Any) -> dict[str, Any]:
+    body = json.loads(await response.content())
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_client_non_streaming_and_streaming(cleanup: list[Any]) -> None:
+    mock = start_mock("alpha", ["llama3:8b"], stream_chunks=4)
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+
+    def use_client() -> tuple[Any, list[str]]:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0)
+        with client:
+            answer = client.chat.completions.create(
+                model="llama3:8b", messages=[{"role": "user", "content": "hi"}]
+            )
+            pieces = [
+                chunk.choices[0].delta.content or ""
+                for chunk in client.chat.completions.create(
+                    model="llama3:8b", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                if chunk.choices
+            ]
+        return answer, pieces
+
+    answer, pieces = await deferToThread(use_client)
+    assert answer.choices[0].message.content == "Hello from alpha"
+    assert answer.model == "llama3:8b"
+    assert answer.usage.prompt_tokens == 10
+    assert len([p for p in pieces if p]) == 4
+    assert mock.stats()["last_request"]["headers"]["authorization"] == "Bearer client-key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_event_arrives_before_backend_finishes(cleanup: list[Any]) -> None:
+    mock = start_mock("slow", stream_chunks=5, stream_delay_ms=300)
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    response = await gw.client.post(
+        gw.url + "/v1/chat/completions",
+        data=json.dumps({"model": "m", "messages": [], "stream": True}).encode(),
+        unbuffered=True,
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    assert response.headers.getRawHeaders("cache-control") == ["no-cache"]
+    assert response.headers.getRawHeaders("x-nexus-backend") == ["slow"]
+    chunks: list[bytes] = []
+    done = treq.collect(response, chunks.append)
+    await wait_for(lambda: b"data: " in b"".join(chunks), what="first event")
+    # The backend is still generating: the event was relayed, not buffered.
+    assert mock.stats()["completed"] == 0
+    assert mock.stats()["in_flight"] == 1
+    await done
+    body = b"".join(chunks)
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert body.count(b"data: ") == 5 + 3  # role, 5 pieces, finish, [DONE]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_mid_stream_cancels_upstream(cleanup: list[Any]) -> None:
+    mock = start_mock("endless", fail="endless", stream_delay_ms=20)
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    d = gw.client.post(
+        gw.url + "/v1/chat/completions",
+        data=json.dumps({"model": "m", "messages": [], "stream": True}).encode(),
+        unbuffered=True,
+    )
+    response = await d
+    chunks: list[bytes] = []
+    treq.collect(response, chunks.append).addErrback(lambda _: None)
+    await wait_for(lambda: len(chunks) >= 2, what="some events")
+    response.original._transport.loseConnection()  # the client goes away
+    await wait_for(lambda: mock.stats()["disconnects"] == 1, what="upstream cancelled")
+    await wait_for(lambda: gw.gateway.registry.get("endless").pending == 0, what="pending 0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_failures_map_to_contract_statuses(cleanup: list[Any]) -> None:
+    mock = start_mock("only")
+    gw = await start_gateway([mock], request_timeout=1.0)
+    cleanup += [mock, gw]
+    cases = [("500", 502, "bad_gateway"), ("invalid_json", 502, "bad_gateway"),
+             ("reset", 502, "bad_gateway"), ("hang", 504, "gateway_timeout")]
+    for fail, status, code in cases:
+        mock.configure(fail=fail)
+        response = await gw.chat()
+        assert response.code == status, (fail, await response.content())
+        error = await error_of(response)
+        assert error["code"] == code
+        assert error["type"] == "server_error"
+    await mock.stop()
+    response = await gw.chat()
+    assert response.code == 502
+    assert "unreachable" in (await error_of(response))["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_gets_openai_errors(cleanup: list[Any]) -> None:
+    mock = start_mock("only", ["known"])
+    gw = await start_gateway([mock], max_body_bytes=10 * 1024 * 1024)
+    cleanup += [mock, gw]
+    url = gw.url + "/v1/chat/completions"
+    for body, param in [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'"text"', None),
+        (b'{"messages": []}', "model"),
+        (b'{"model": 7, "messages": []}', "model"),
+        (b'{"model": "known"}', "messages"),
+        (b'{"model": "known", "messages": {}}', "messages"),
+        (b"\xff\xfe", None),
+    ]:
+        response = await gw.client.post(url, data=body)
+        assert response.code == 400, body
+        error = await error_of(response)
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == param
+    response = await gw.chat("no-such-model")
+    assert response.code == 404
+    error = await error_of(response)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "no-such-model" in error["message"] and "known" in error["message"]
+    assert mock.stats()["chat_requests"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_refused_without_reading_it(cleanup: list[Any]) -> None:
+    mock = start_mock("only")
+    gw = await start_gateway([mock], max_body_bytes=10 * 1024 * 1024)
+    cleanup += [mock, gw]
+    body = b'{"model": "m", "messages": ["' + b"x" * (11 * 1024 * 1024) + b'"]}'
+    response = await gw.client.post(gw.url + "/v1/chat/completions", data=body)
+    assert response.code == 413
+    assert (await error_of(response))["code"] == "payload_too_large"
+    # the gateway still serves
+    assert (await gw.chat()).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_path_and_wrong_method(cleanup: list[Any]) -> None:
+    gw = await start_gateway([])
+    cleanup.append(gw)
+    response = await gw.client.get(gw.url + "/v2/nothing")
+    assert response.code == 404
+    assert (await error_of(response))["type"] == "invalid_request_error"
+    response = await gw.client.get(gw.url + "/v1/chat/completions")
+    assert response.code == 405
+    assert "GET" in (await error_of(response))["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarding_rules(cleanup: list[Any]) -> None:
+    plain = start_mock("plain", ["a"])
+    keyed = start_mock("keyed", ["b"])
+    gw = await start_gateway(
+        [plain, keyed], backend_options={"keyed": {"api_key_env": "TEST_BACKEND_KEY"}}
+    )
+    cleanup += [plain, keyed, gw]
+    response = await gw.chat(
+        "a", headers={"Authorization": "Bearer client", "X-Private": "no"},
+        temperature=0.5, custom_field={"kept": [1, 2]},
+    )
+    assert response.code == 200
+    sent = plain.stats()["last_request"]
+    assert sent["headers"]["authorization"] == "Bearer client"
+    assert "x-private" not in sent["headers"]
+    assert sent["body"]["custom_field"] == {"kept": [1, 2]} and sent["body"]["temperature"] == 0.5
+    assert response.headers.getRawHeaders("x-nexus-backend") == ["plain"]
+    assert response.headers.getRawHeaders("x-mock-backend") == ["plain"]
+    # the backend's hop-by-hop headers (its "Connection: x-mock-hop") are not relayed
+    assert b"x-mock-hop" not in b",".join(response.headers.getRawHeaders("connection", [b""]))
+    assert not response.headers.hasHeader("x-nexus-fallback-model")
+    response = await gw.chat("b", headers={"Authorization": "Bearer client"})
+    assert response.code == 200
+    assert keyed.stats()["last_request"]["headers"]["authorization"] == "Bearer backend-secret"
+    # a backend's own 4xx is passed through, status and body
+    response = await gw.chat("a", temperature=5)
+    assert response.code == 400
+    error = await error_of(response)
+    assert error["param"] == "temperature" and error["message"] == "temperature must be <= 2"
+    assert response.headers.getRawHeaders("x-nexus-backend") == ["plain"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_and_health_follow_backend_health(cleanup: list[Any]) -> None:
+    one = start_mock("one", ["shared", "only-one"])
+    two = start_mock("two", ["shared"])
+    gw = await start_gateway([one, two])
+    cleanup += [one, two, gw]
+    models = await gw.get_json("/v1/models")
+    assert [m["id"] for m in models["data"]] == ["only-one", "shared"]
+    assert models["data"][1]["backends"] == ["one", "two"]
+    assert models["data"][0]["object"] == "model" and models["data"][0]["owned_by"] == "nexus"
+    health = await gw.get_json("/health")
+    assert health["status"] == "healthy"
+    assert health["backends"] == {"total": 2, "healthy": 2, "unhealthy": 0, "unknown": 0}
+    assert health["models"] == 2
+    one.configure(health_fail=True)
+    for _ in range(3):  # failure_threshold
+        await gw.check_health()
+    models = await gw.get_json("/v1/models")
+    assert [(m["id"], m["backends"]) for m in models["data"]] == [("shared", ["two"])]
+    health = await gw.get_json("/health")
+    assert health["status"] == "degraded" and health["backends"]["unhealthy"] == 1
+    response = await gw.chat("only-one")
+    assert response.code == 503
+    assert (await error_of(response))["code"] == "service_unavailable"
+    one.configure(health_fail=False)
+    for _ in range(2):  # recovery_threshold
+        await gw.check_health()
+    assert (await gw.get_json("/health"))["status"] == "healthy"
+    assert (await gw.chat("only-one")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_backends_is_unhealthy(cleanup: list[Any]) -> None:
+    gw = await start_gateway([BackendConfig(name="down", url="http://127.0.0.1:9")])
+    cleanup.append(gw)
+    health = await gw.get_json("/health")
+    assert health["status"] == "unhealthy"
+    assert health["backends"]["unhealthy"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_failure_after_200_ends_stream_with_error_event(
+    cleanup: list[Any],
+) -> None:
+    mock = start_mock("breaks", fail="truncated_sse")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    response = await gw.chat(stream=True)
+    assert response.code == 200
+    events = (await response.content()).split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    error = json.loads(events[-3][len(b"data: "):])["error"]
+    assert error["code"] == "bad_gateway"
+    assert all(e.startswith(b"data: ") for e in events[:-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_stream_is_cut_by_idle_timeout(cleanup: list[Any]) -> None:
+    mock = start_mock("stalls", fail="stall")
+    gw = await start_gateway([mock], request_timeout=0.5)
+    cleanup += [mock, gw]
+    response = await gw.chat(stream=True)
+    body = await response.content()
+    assert response.code == 200
+    assert b'"gateway_timeout"' in body and body.endswith(b"data: [DONE]\n\n")
+    await wait_for(lambda: mock.stats()["disconnects"] == 1, what="upstream closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_generation_is_not_cut_while_it_flows(cleanup: list[Any]) -> None:
+    # 8 events 150 ms apart: 1.2 s in total, longer than the 0.5 s timeout.
+    mock = start_mock("steady", stream_chunks=6, stream_delay_ms=150)
+    gw = await start_gateway([mock], request_timeout=0.5)
+    cleanup += [mock, gw]
+    response = await gw.chat(stream=True)
+    body = await response.content()
+    assert b"error" not in body and body.endswith(b"data: [DONE]\n\n")

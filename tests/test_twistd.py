@@ -1,0 +1,176 @@
+"""The real ``twistd nexus`` as a subprocess: start-up, a completion, shutdown, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import start_mock, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+# The twistd script of the environment running the tests.
+TWISTD = [str(Path(sys.executable).parent / "twistd")]
+
+
+def twistd_env() -> dict[str, str]:
+    # The source tree on the path, so twistd finds twisted/plugins/ in an editable checkout too.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_clean_stop(process: subprocess.Popen[bytes], output: bytes) -> None:
+    """twistd shut down in order; it re-raises SIGTERM on itself, hence -SIGTERM."""
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert b"Server Shut Down." in output, output
+    assert b"Traceback" not in output and b"Unhandled" not in output, output
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "nexus.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_a_completion_and_stops_on_sigterm(tmp_path: Path) -> None:
+    mock = start_mock("real", ["llama3:8b"])
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        f"""
+[server]
+listen = "tcp:{port}:interface=127.0.0.1"
+[health_check]
+interval_seconds = 1
+[[backends]]
+name = "real"
+url = "{mock.url}"
+""",
+    )
+    process = subprocess.Popen(
+        [*TWISTD, "--pidfile=", "-n", "nexus", "--config", str(config)],
+        cwd=tmp_path,
+        env=twistd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async def healthy() -> bool:
+            assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
+            try:
+                response = await treq.get(url + "/health", persistent=False)
+            except Exception:
+                return False
+            return (json.loads(await response.content()))["status"] == "healthy"
+
+        await wait_for(healthy, timeout=20, what="twistd nexus healthy")
+        response = await treq.post(
+            url + "/v1/chat/completions",
+            data=json.dumps({"model": "llama3:8b", "messages": []}).encode(),
+            persistent=False,
+        )
+        assert response.code == 200
+        answer = json.loads(await response.content())
+        assert answer["choices"][0]["message"]["content"] == "Hello from real"
+        metrics = await (await treq.get(url + "/metrics", persistent=False)).text()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+        }
+        key = (
+            "nexus_requests_total",
+            (("backend", "real"), ("model", "llama3_8b"), ("status", "200")),
+        )
+        assert samples[key] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+        await mock.stop()
+    assert_clean_stop(process, output)
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_mode_answers_a_completion(tmp_path: Path) -> None:
+    """``twistd -n nexus`` with no config starts a demo backend and serves it at once."""
+    port = free_port()
+    process = subprocess.Popen(
+        [*TWISTD, "--pidfile=", "-n", "nexus", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=tmp_path,
+        env=twistd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    answers: list[Any] = []
+    try:
+        async def answered() -> bool:
+            assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
+            try:
+                response = await treq.post(
+                    url, data=b'{"model": "demo", "messages": []}', persistent=False
+                )
+            except Exception:
+                return False
+            if response.code != 200:
+                return False
+            answers.append(json.loads(await response.content()))
+            return True
+
+        await wait_for(answered, timeout=20, what="a demo completion")
+        assert answers[0]["choices"][0]["message"]["content"] == "Hello from demo"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    assert_clean_stop(process, output)
+
+
+BAD_CONFIGS: list[tuple[str, str]] = [
+    ("[server\nlisten = 1", "invalid TOML"),
+    ("[server]\nrequest_timeout_seconds = 'abc'", "server.request_timeout_seconds"),
+    ("[routing]\nstrategy = 'fastest'", "routing.strategy"),
+    (
+        "[[backends]]\nname='a'\nurl='http://127.0.0.1:1'\n"
+        "[[backends]]\nname='a'\nurl='http://127.0.0.1:2'",
+        "backends[1].name",
+    ),
+    ("[routing.aliases]\na = 'b'\nb = 'a'", "routing.aliases"),
+    ("[[backends]]\nname='a'\nurl='ftp://x'", "backends[0].url"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), BAD_CONFIGS)
+def test_bad_config_stops_startup_with_one_line(tmp_path: Path, text: str, key: str) -> None:
+    config = write_config(tmp_path, text)
+    result = subprocess.run(
+        [*TWISTD, "--pidfile=", "-n", "nexus", "--config", str(config)],
+        cwd=tmp_path,
+        env=twistd_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).decode()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert str(config) in lines[0] and key in lines[0], output
+    assert "Traceback" not in output
