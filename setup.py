@@ -5,7 +5,7 @@ from setuptools import setup
 setup(
     name="nexus-gateway",
     version="0.1.0",
-    description="OpenAI-compatible LLM gateway: routing, health checks, streaming, Prometheus metrics",
+    description="OpenAI-compatible LLM gateway: routing, health, streaming, Prometheus metrics",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

@@ -11,13 +11,25 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
-from nexus.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from nexus.access import AccessPolicy
+from nexus.config import ServerConfig
+from nexus.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from nexus.metrics import MetricsCollector, MetricsResource, StatsResource
 from nexus.proxy import ChatCompletions
 from nexus.registry import HEALTHY, BackendRegistry
@@ -56,7 +68,15 @@ class NexusAPI:
         collector: MetricsCollector,
         now: Callable[[], float],
         wall_clock: Callable[[], float],
+        access: AccessPolicy | None = None,
+        max_concurrent: int = 0,
     ) -> None:
+        self.access = access or AccessPolicy()
+        self.max_concurrent = max_concurrent
+        #: Inference requests in flight (the concurrency limit and the shutdown drain).
+        self.active: set[Any] = set()
+        self.draining = False
+        self._idle_waiters: list[Deferred[None]] = []
         self.registry = registry
         self.router = router
         self.chat = chat
@@ -73,9 +93,16 @@ class NexusAPI:
         """Proxy one chat completion, recorded exactly once whatever happens."""
         record: RequestRecord = track(request, self.collector, self.now)
         try:
-            return await self.chat.handle(request, record)
+            self._admit(request)
+            self.active.add(request)
+            try:
+                return await self.chat.handle(request, record)
+            finally:
+                self._done(request)
         except GatewayError as error:
             record.error_type = error.error_type
+            if isinstance(error, Overloaded):
+                request.setHeader(b"retry-after", b"1")
             return write_error(request, error)
         except Exception:
             # A bug must still answer like the contract says and be counted.
@@ -83,9 +110,51 @@ class NexusAPI:
             record.error_type = "other"
             return write_error(request, GatewayError("Internal gateway error."))
 
+    def _admit(self, request: Any) -> None:
+        """Refuse a request that lacks a key, or that the gateway cannot take now."""
+        if not self.access.allows_api(request.requestHeaders.getRawHeaders(b"authorization")):
+            request.setHeader(b"www-authenticate", b"Bearer")
+            raise Unauthorized(
+                "Missing or invalid API key; send it as 'Authorization: Bearer <key>'."
+            )
+        if self.draining:
+            raise Overloaded("The gateway is shutting down.")
+        if self.max_concurrent and len(self.active) >= self.max_concurrent:
+            raise Overloaded(
+                f"Too many requests in flight ({self.max_concurrent}); retry shortly."
+            )
+
+    def _done(self, request: Any) -> None:
+        self.active.discard(request)
+        if not self.active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires once no inference request is in flight."""
+        if not self.active:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def cut_active(self) -> int:
+        """Close the connections of requests still in flight; returns how many."""
+        cut = 0
+        for request in list(self.active):
+            transport = request.channel.transport if request.channel is not None else None
+            if transport is not None:
+                transport.abortConnection()
+                cut += 1
+        return cut
+
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: Any) -> bytes:
         """Models servable now, plus aliases whose target is servable."""
+        if not self.access.allows_api(request.requestHeaders.getRawHeaders(b"authorization")):
+            request.setHeader(b"www-authenticate", b"Bearer")
+            return write_error(request, Unauthorized("Missing or invalid API key."))
         available = self.registry.available_models()
         entries = {
             model: {
@@ -134,12 +203,18 @@ class NexusAPI:
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request: Any) -> Any:
         """Prometheus exposition."""
-        return self.metrics_resource
+        return self._metrics_guard(request) or self.metrics_resource
 
     @app.route("/v1/stats", methods=["GET", "HEAD"])
     def stats(self, request: Any) -> Any:
         """The same numbers as JSON."""
-        return self.stats_resource
+        return self._metrics_guard(request) or self.stats_resource
+
+    def _metrics_guard(self, request: Any) -> bytes | None:
+        if self.access.allows_metrics(request.requestHeaders.getRawHeaders(b"authorization")):
+            return None
+        request.setHeader(b"www-authenticate", b"Bearer")
+        return write_error(request, Unauthorized("Missing or invalid metrics token."))
 
     @app.handle_errors(WerkzeugNotFound)
     def not_found(self, request: Any, failure: Any) -> bytes:
@@ -154,19 +229,25 @@ class NexusAPI:
 
 
 class NexusRequest(Request):
-    """A request that refuses an oversized body before reading it.
+    """A request that is refused early when its body is too large or too slow.
 
     As soon as the declared length (or, for a chunked body, the bytes received
     so far) exceeds ``site.max_body_bytes``, the gateway answers 413 and closes
-    the connection instead of buffering the rest.
+    the connection instead of buffering the rest. A request whose headers and
+    body have not all arrived within ``site.request_timeout`` (a slow-loris
+    client) gets 408 and is closed.
     """
 
     _rejected = False
     _received = 0
 
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site = channel.site
+        self._read_deadline = site.reactor.callLater(site.request_timeout, self._too_slow)
+
     def gotLength(self, length: int | None) -> None:
-        limit = self.channel.site.max_body_bytes
-        if length is not None and length > limit:
+        if length is not None and length > self.channel.site.max_body_bytes:
             self._reject_too_large()
             return
         super().gotLength(length)
@@ -181,48 +262,130 @@ class NexusRequest(Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_read_deadline()
         if self._rejected:
             return
         super().requestReceived(command, path, version)
 
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_read_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline.active():
+            self._read_deadline.cancel()
+
     def _reject_too_large(self) -> None:
+        limit = self.channel.site.max_body_bytes
+        self._reject(413, b"Payload Too Large", PayloadTooLarge(
+            f"The request body exceeds {limit} bytes."
+        ))
+
+    def _too_slow(self) -> None:
+        self._reject(408, b"Request Timeout", RequestTimeout(
+            "The request was not received in time."
+        ))
+
+    def _reject(self, status: int, phrase: bytes, error: GatewayError) -> None:
+        """Answer before the request was read, close the connection, count it."""
+        if self._rejected:
+            return
         self._rejected = True
+        self._cancel_read_deadline()
         channel = self.channel
         site = channel.site
-        error = PayloadTooLarge(f"The request body exceeds {site.max_body_bytes} bytes.")
         body = error.to_json()
-        channel.transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        channel.transport.loseConnection()
         path = getattr(channel, "_path", b"").split(b"?", 1)[0]
+        answer_and_close(channel, status, phrase, body)
         if path in INFERENCE_PATHS and site.collector is not None:
             record = RequestRecord(started=site.now())
             record.error_type = error.error_type
-            record.write(site.collector, error.status, site.now())
+            record.write(site.collector, status, site.now())
+
+
+class NexusChannel(HTTPChannel):
+    """HTTP/1.1 channel whose malformed-request answer is an OpenAI-style error."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        body = InvalidRequest(
+            "Malformed request, or request line and headers over the size or count limit."
+        ).to_json()
+        answer_and_close(self, 400, b"Bad Request", body)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would drop the connection without a word.
+        self._respondToBadRequestAndDisconnect()
+
+
+#: How long a refused client may go on sending before its connection is cut.
+LINGER_SECONDS = 2.0
+
+
+def answer_and_close(channel: Any, status: int, phrase: bytes, body: bytes) -> None:
+    """Answer a request the gateway will not read, then close its connection.
+
+    What the client is still sending is read and dropped until it closes or
+    LINGER_SECONDS pass: closing a socket with unread bytes makes the kernel
+    send a reset, which can destroy the answer before the client reads it.
+    """
+    transport = channel.transport
+    if transport is None or getattr(channel, "_nexus_closing", False):
+        return
+    channel._nexus_closing = True
+    transport.write(
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+    )
+
+    def drop(*_: object) -> None:
+        pass
+
+    channel.dataReceived = channel.lineReceived = channel.rawDataReceived = drop
+    channel.setTimeout(None)
+    transport.loseWriteConnection()
+    reactor = channel.site.reactor
+    cut = reactor.callLater(LINGER_SECONDS, transport.abortConnection)
+    lost = channel.connectionLost
+
+    def connection_lost(reason: Any) -> None:
+        if cut.active():
+            cut.cancel()
+        lost(reason)
+
+    channel.connectionLost = connection_lost
 
 
 class NexusSite(Site):
-    """The gateway's site: body-size limit, no access log at the default level."""
+    """The gateway's site: request limits, and no access log at the default level."""
 
     requestFactory = NexusRequest
+    protocol = NexusChannel
 
     def __init__(
         self,
         resource: Any,
-        max_body_bytes: int,
+        server: ServerConfig,
         collector: MetricsCollector | None,
         now: Callable[[], float],
-        **kwargs: Any,
+        reactor: Any,
     ) -> None:
-        super().__init__(resource, **kwargs)
-        self.max_body_bytes = max_body_bytes
+        super().__init__(resource, reactor=reactor, timeout=server.idle_timeout_seconds)
+        self.max_body_bytes = server.max_body_bytes
+        self.request_timeout = server.request_timeout_seconds
+        self.max_headers = server.max_headers
+        self.max_header_bytes = server.max_header_bytes
         self.collector = collector
         self.now = now
         self.noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_header_bytes
+        channel.MAX_LENGTH = self.max_header_bytes
+        return channel
 
     def log(self, request: Any) -> None:
         """No per-request access log: metrics count requests, logs stay quiet."""

@@ -40,6 +40,20 @@ class ServerConfig:
     listen: str = "tcp:8000"
     request_timeout_seconds: float = 300.0
     max_body_bytes: int = 10 * 1024 * 1024
+    #: Inference requests in flight at once; past it, 503 with Retry-After. 0: no limit.
+    max_concurrent_requests: int = 0
+    #: Request line plus headers, in bytes, and how many header lines.
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    #: Keep-alive connections idle longer than this are closed.
+    idle_timeout_seconds: float = 120.0
+    #: On SIGTERM, how long in-flight requests may take to finish before they are cut.
+    shutdown_grace_seconds: float = 30.0
+    #: Bearer keys accepted on /v1/* (empty: no access control). Also read from a file.
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str | None = None
+    #: Bearer token required on /metrics and /v1/stats (unset: they are open).
+    metrics_token: str | None = None
 
 
 @attrs.frozen
@@ -183,10 +197,25 @@ def _env_fields() -> dict[str, tuple[tuple[str, str], type]]:
         if not attrs.has(section_type):
             continue
         for field in _fields(section_type):
-            if field.type in _SCALARS:
+            tp = _env_type(field.type)
+            if tp is not None:
                 name = f"{_ENV_PREFIX}_{section.name}_{field.name}".upper()
-                out[name] = ((section.name, field.name), field.type)
+                out[name] = ((section.name, field.name), tp)
     return out
+
+
+def _env_type(tp: Any) -> Any:
+    """The type an environment variable can set for a field of type ``tp``, or None.
+
+    Scalars, optional scalars, and tuples of strings (comma-separated in the variable).
+    """
+    if tp in _SCALARS or tp == tuple[str, ...]:
+        return tp
+    if get_origin(tp) in (UnionType, Union):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and inner[0] in _SCALARS:
+            return inner[0]
+    return None
 
 
 def _apply_environment(
@@ -219,6 +248,8 @@ def _from_env(raw: str, tp: type) -> object:
         if text.lower() in _ENV_FALSE:
             return False
         raise _Invalid(f"expected true/false, 1/0 or yes/no, got {raw!r}")
+    if tp == tuple[str, ...]:
+        return [item.strip() for item in text.split(",") if item.strip()]
     if tp is int or tp is float:
         try:
             return tp(text)
@@ -276,6 +307,11 @@ def _http_url(value: str) -> str:
 _RULES: dict[tuple[type, str], _Rule] = {
     (ServerConfig, "request_timeout_seconds"): _greater_than(0),
     (ServerConfig, "max_body_bytes"): _at_least(1),
+    (ServerConfig, "max_concurrent_requests"): _at_least(0),
+    (ServerConfig, "max_header_bytes"): _at_least(256),
+    (ServerConfig, "max_headers"): _at_least(1),
+    (ServerConfig, "idle_timeout_seconds"): _greater_than(0),
+    (ServerConfig, "shutdown_grace_seconds"): _at_least(0),
     (HealthCheckConfig, "interval_seconds"): _greater_than(0),
     (HealthCheckConfig, "timeout_seconds"): _greater_than(0),
     (HealthCheckConfig, "failure_threshold"): _at_least(1),

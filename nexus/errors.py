@@ -66,6 +66,15 @@ class PayloadTooLarge(GatewayError):
     error_type = "invalid_request"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its request in time (408)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    error_type = "invalid_request"
+
+
 class NotFound(GatewayError):
     """No such path (404)."""
 

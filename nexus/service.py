@@ -10,18 +10,22 @@ from typing import Any
 import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.logger import Logger
 from twisted.python import usage
 
+from nexus.access import AccessPolicy
 from nexus.api import NexusAPI, NexusSite
 from nexus.config import BackendConfig, Config, ConfigError, load_config
 from nexus.health import HealthPoller, HealthService
 from nexus.metrics import MetricsCollector
 from nexus.mock import MockBackend, MockSettings, listen_mock
 from nexus.proxy import ChatCompletions
-from nexus.registry import BackendRegistry
+from nexus.registry import HEALTHY, BackendRegistry
 from nexus.routing import Router
 from nexus.upstream import UpstreamClient
+
+log = Logger()
 
 #: Models the embedded demo backend serves.
 DEMO_MODELS = ("demo", "demo-large")
@@ -69,7 +73,10 @@ class Gateway:
 def build_gateway(
     config: Config, reactor: Any, environ: Mapping[str, str] | None = None
 ) -> Gateway:
-    """Wire the gateway's parts for ``config`` (no listening, no timers yet)."""
+    """Wire the gateway's parts for ``config`` (no listening, no timers yet).
+
+    Raises ConfigError when a file the configuration names cannot be read.
+    """
     environ = os.environ if environ is None else environ
     now = time.monotonic
     registry = BackendRegistry.from_config(config)
@@ -94,29 +101,79 @@ def build_gateway(
         now=now,
         environ=environ,
     )
-    api = NexusAPI(registry, router, chat, collector, now=now, wall_clock=time.time)
-    site = NexusSite(
-        api.app.resource(), config.server.max_body_bytes, collector, now, reactor=reactor
+    api = NexusAPI(
+        registry,
+        router,
+        chat,
+        collector,
+        now=now,
+        wall_clock=time.time,
+        access=AccessPolicy.from_config(config.server),
+        max_concurrent=config.server.max_concurrent_requests,
     )
+    site = NexusSite(api.app.resource(), config.server, collector, now, reactor=reactor)
     return Gateway(config, registry, router, upstream, collector, poller, api, site)
 
 
-def gateway_service(gateway: Gateway, reactor: Any) -> MultiService:
-    """The service tree: HTTP listener, connection pool, health poller."""
-    top = MultiService()
-    gateway.upstream.setServiceParent(top)
-    if gateway.config.health_check.enabled:
-        health = HealthService(gateway.poller, reactor)
-        health.clock = reactor
-        health.setServiceParent(top)
-    else:
-        # Without polling nothing would ever become healthy: trust the config.
-        for backend in gateway.registry.backends:
-            backend.status = "healthy"
-    listener = strports.service(gateway.config.server.listen, gateway.site, reactor=reactor)
-    listener.setName("http")
-    listener.setServiceParent(top)
-    return top
+class GatewayService(MultiService):
+    """The running gateway: listener, health poller, connection pool (and a demo backend).
+
+    Children start together; stopping is ordered so that no request is lost or
+    counted twice: stop accepting, let requests in flight finish for the grace
+    period, cut what is left (recorded as 499), then stop polling, close the
+    pool and stop the demo backend.
+    """
+
+    def __init__(self, gateway: Gateway, reactor: Any) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.reactor = reactor
+        self.listener = strports.service(
+            gateway.config.server.listen, gateway.site, reactor=reactor
+        )
+        self.listener.setName("http")
+        self.health: HealthService | None = None
+        if gateway.config.health_check.enabled:
+            self.health = HealthService(gateway.poller, reactor)
+        else:
+            # Without polling nothing would ever become healthy: trust the config.
+            for backend in gateway.registry.backends:
+                backend.status = HEALTHY
+        self.demo: _DemoBackendService | None = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.gateway.upstream.startService()
+        if self.health is not None:
+            self.health.startService()
+        self.listener.startService()
+
+    async def _stop(self) -> None:
+        api = self.gateway.api
+        api.draining = True
+        await maybeDeferred(self.listener.stopService)
+        grace = self.gateway.config.server.shutdown_grace_seconds
+        if api.active:
+            log.info(
+                "waiting up to {grace}s for {n} requests in flight", grace=grace, n=len(api.active)
+            )
+            idle = api.wait_idle()
+            timer = self.reactor.callLater(grace, idle.cancel)
+            try:
+                await idle
+            except CancelledError:
+                log.warn("cutting {n} requests still in flight", n=api.cut_active())
+            else:
+                timer.cancel()
+        if self.health is not None:
+            await maybeDeferred(self.health.stopService)
+        await self.gateway.upstream.stopService()
+        if self.demo is not None:
+            await self.demo.stopService()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
 
 
 def start_demo_backend(reactor: Any) -> tuple[BackendConfig, MockBackend]:
@@ -127,7 +184,7 @@ def start_demo_backend(reactor: Any) -> tuple[BackendConfig, MockBackend]:
     return config, backend
 
 
-def makeService(options: Mapping[str, Any], reactor: Any = None) -> MultiService:
+def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayService:
     """Build the gateway's service tree from ``twistd nexus`` options."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -146,7 +203,11 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> MultiService
         demo, demo_backend = start_demo_backend(reactor)
         config = attrs.evolve(config, backends=(*config.backends, demo))
         print(f"nexus: demo backend at {demo.url} serving {', '.join(DEMO_MODELS)}")
-    top = gateway_service(build_gateway(config, reactor), reactor)
+    try:
+        gateway = build_gateway(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"nexus: configuration error: {e}") from None
+    service = GatewayService(gateway, reactor)
     if demo_backend is not None:
-        _DemoBackendService(demo_backend).setServiceParent(top)
-    return top
+        service.demo = _DemoBackendService(demo_backend)
+    return service

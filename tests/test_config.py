@@ -41,6 +41,14 @@ ENV_VARS = {
     "NEXUS_HEALTH_CHECK_RECOVERY_THRESHOLD": ("4", ("health_check", "recovery_threshold"), 4),
     "NEXUS_ROUTING_STRATEGY": ("random", ("routing", "strategy"), "random"),
     "NEXUS_ROUTING_MAX_RETRIES": ("0", ("routing", "max_retries"), 0),
+    "NEXUS_SERVER_MAX_CONCURRENT_REQUESTS": ("8", ("server", "max_concurrent_requests"), 8),
+    "NEXUS_SERVER_MAX_HEADER_BYTES": ("4096", ("server", "max_header_bytes"), 4096),
+    "NEXUS_SERVER_MAX_HEADERS": ("20", ("server", "max_headers"), 20),
+    "NEXUS_SERVER_IDLE_TIMEOUT_SECONDS": ("9", ("server", "idle_timeout_seconds"), 9.0),
+    "NEXUS_SERVER_SHUTDOWN_GRACE_SECONDS": ("3", ("server", "shutdown_grace_seconds"), 3.0),
+    "NEXUS_SERVER_API_KEYS": (" k1, k2 ,", ("server", "api_keys"), ("k1", "k2")),
+    "NEXUS_SERVER_API_KEYS_FILE": ("/k", ("server", "api_keys_file"), "/k"),
+    "NEXUS_SERVER_METRICS_TOKEN": ("tok", ("server", "metrics_token"), "tok"),
 }
 
 
@@ -72,7 +80,9 @@ def test_example_file_loads_as_documented() -> None:
     config, warnings = load_config(str(EXAMPLE), {"VLLM_API_KEY": "secret"})
     assert warnings == []
     assert config == Config(
-        server=ServerConfig(),
+        server=ServerConfig(
+            api_keys_file="/etc/nexus/api-keys", metrics_token="change-me"
+        ),
         health_check=HealthCheckConfig(),
         routing=RoutingConfig(
             strategy="smart",

@@ -6,10 +6,8 @@ import json
 from typing import Any
 
 import openai
-import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from nexus.config import BackendConfig

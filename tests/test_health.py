@@ -150,7 +150,7 @@ def test_hung_backend_is_bounded_and_does_not_stall_others() -> None:
 
 
 def test_backend_key_is_sent_on_probes() -> None:
-    poller, registry, fleet, clock, _ = make(
+    poller, _, fleet, clock, _ = make(
         BackendConfig(name="a", url="http://a.test", api_key_env="K"), environ={"K": "secret"}
     )
     run_round(poller, clock)
