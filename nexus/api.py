@@ -243,11 +243,16 @@ class NexusRequest(Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        site = channel.site
+        site = self.nexus_site
         self._read_deadline = site.reactor.callLater(site.request_timeout, self._too_slow)
 
+    @property
+    def nexus_site(self) -> NexusSite:
+        """The site this request arrived on (set on the channel by ``Site.buildProtocol``)."""
+        return self.channel.site  # type: ignore[attr-defined]
+
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.channel.site.max_body_bytes:
+        if length is not None and length > self.nexus_site.max_body_bytes:
             self._reject_too_large()
             return
         super().gotLength(length)
@@ -256,7 +261,7 @@ class NexusRequest(Request):
         if self._rejected:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_bytes:
+        if self._received > self.nexus_site.max_body_bytes:
             self._reject_too_large()
             return
         super().handleContentChunk(data)
@@ -276,7 +281,7 @@ class NexusRequest(Request):
             self._read_deadline.cancel()
 
     def _reject_too_large(self) -> None:
-        limit = self.channel.site.max_body_bytes
+        limit = self.nexus_site.max_body_bytes
         self._reject(413, b"Payload Too Large", PayloadTooLarge(
             f"The request body exceeds {limit} bytes."
         ))
@@ -293,7 +298,7 @@ class NexusRequest(Request):
         self._rejected = True
         self._cancel_read_deadline()
         channel = self.channel
-        site = channel.site
+        site = self.nexus_site
         body = error.to_json()
         path = getattr(channel, "_path", b"").split(b"?", 1)[0]
         answer_and_close(channel, status, phrase, body)
@@ -361,7 +366,8 @@ class NexusSite(Site):
     """The gateway's site: request limits, and no access log at the default level."""
 
     requestFactory = NexusRequest
-    protocol = NexusChannel
+    # A plain HTTP/1.1 channel: the gateway speaks no TLS, so no HTTP/2 negotiation wrapper.
+    protocol = NexusChannel  # type: ignore[assignment]
 
     def __init__(
         self,

@@ -181,7 +181,7 @@ class StreamRelay(Protocol):
 
     def _stop_upstream(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
         self._unregister()
 
     def _unregister(self) -> None:

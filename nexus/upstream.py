@@ -13,7 +13,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -108,7 +108,7 @@ class _BodyCollector(Protocol):
             if not self.finished.called:
                 self.finished.errback(BodyTooLarge(f"response body over {self.limit} bytes"))
             assert self.transport is not None
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
             return
         self.chunks.append(data)
 
@@ -125,14 +125,12 @@ def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[
     """Read a whole response body, at most ``limit`` bytes; cancelling aborts it."""
     if response.length is not UNKNOWN_LENGTH and response.length > limit:
         response.deliverBody(_Discard())
-        return Deferred.fromFailure(
-            Failure(BodyTooLarge(f"response declares {response.length} bytes"))
-        )
+        return fail(BodyTooLarge(f"response declares {response.length} bytes"))
     protocol: _BodyCollector
 
     def cancel(d: Deferred[bytes]) -> None:
         if protocol.transport is not None:
-            protocol.transport.stopProducing()
+            protocol.transport.stopProducing()  # type: ignore[attr-defined]
 
     finished: Deferred[bytes] = Deferred(cancel)
     protocol = _BodyCollector(finished, limit)
@@ -145,7 +143,7 @@ class _Discard(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.stopProducing()
+        self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 def discard_body(response: IResponse) -> None:
