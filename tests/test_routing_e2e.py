@@ -6,7 +6,6 @@ import json
 from collections import Counter
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
