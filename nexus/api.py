@@ -242,7 +242,8 @@ class NexusRequest(Request):
     _received = 0
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(channel, *args, **kwargs)
+        # The gateway never reads form posts: skip Twisted's Content-Type parsing of every POST.
+        super().__init__(channel, *args, parsePOSTFormSubmission=False, **kwargs)
         site = self.nexus_site
         self._read_deadline = site.reactor.callLater(site.request_timeout, self._too_slow)
 

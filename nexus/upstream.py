@@ -14,12 +14,25 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IProtocol, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 #: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
@@ -68,6 +81,38 @@ class BytesProducer:
         pass
 
 
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """One endpoint per backend address, built once.
+
+    Twisted's Agent builds a new ``HostnameEndpoint`` (IDNA-encoding the host)
+    for every request, even when a pooled connection will serve it; the
+    backends are few and fixed, so the gateway keeps one per address.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            tcp = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), tcp)
+            elif uri.scheme == b"http":
+                endpoint = tcp
+            else:
+                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+            self._cache[key] = endpoint
+        return endpoint
+
+
 class UpstreamClient(Service):
     """Owns the shared connection pool and the clients built on it.
 
@@ -82,7 +127,9 @@ class UpstreamClient(Service):
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.retryAutomatically = False
-        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, CachedEndpoints(reactor, connect_timeout), pool=self.pool
+        )
         self.http = HTTPClient(self.agent)
 
     def stopService(self) -> Deferred[None]:
