@@ -286,3 +286,25 @@ async def test_slow_generation_is_not_cut_while_it_flows(cleanup: list[Any]) -> 
     response = await gw.chat(stream=True)
     body = await response.content()
     assert b"error" not in body and body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_metrics_recorder_never_fails_the_request(
+    cleanup: list[Any], monkeypatch: Any
+) -> None:
+    mock = start_mock("only")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    calls: list[object] = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise RuntimeError("metrics bug")
+
+    monkeypatch.setattr(gw.gateway.collector, "record_request", broken)
+    for stream in (False, True):
+        response = await gw.chat(stream=stream)
+        assert response.code == 200
+        assert b"Hello" in await response.content()
+    await wait_for(lambda: len(calls) == 2, what="both recordings attempted")
+    assert gw.gateway.registry.get("only").pending == 0
