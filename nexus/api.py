@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -104,6 +104,8 @@ class NexusAPI:
             if isinstance(error, Overloaded):
                 request.setHeader(b"retry-after", b"1")
             return write_error(request, error)
+        except CancelledError:
+            raise  # the client left: Klein expects the cancellation back
         except Exception:
             # A bug must still answer like the contract says and be counted.
             log.failure("unexpected error serving a chat completion")

@@ -637,7 +637,8 @@ class MockBackend:
 
     def listen(self, port: int = 0, interface: str = "127.0.0.1") -> ListeningPortLike:
         """Listen on TCP ``interface:port`` (synchronous; raises CannotListenError)."""
-        self.port = self.reactor.listenTCP(port, self.site, interface=interface)
+        # A deep listen queue: tests and benchmarks open hundreds of connections at once.
+        self.port = self.reactor.listenTCP(port, self.site, backlog=1024, interface=interface)
         return self.port
 
     def stop(self) -> Deferred[None]:

@@ -166,9 +166,10 @@ class StreamRelay(Protocol):
         self.done.errback(StreamFailed(error))
 
     def _fail(self, error: GatewayError) -> None:
+        # Release the client's producer slot before the handler resumes and finishes.
+        self._stop_upstream()
         if not self.done.called:
             self.done.errback(StreamFailed(error))
-        self._stop_upstream()
 
     def _on_idle(self) -> None:
         self.timed_out = True
@@ -277,6 +278,10 @@ class ChatCompletions:
                     request, record, decision, backend, body, stream, authorization, deadline
                 )
             except _AttemptFailed as failed:
+                if record.client_gone:
+                    # The Agent reports a cancelled attempt as a failure: do not
+                    # retry for a client that has left.
+                    raise CancelledError() from None
                 last = failed.error
                 log.info(
                     "attempt on {backend} failed: {why}", backend=backend.name, why=last.message

@@ -115,6 +115,18 @@ def build_gateway(
     return Gateway(config, registry, router, upstream, collector, poller, api, site)
 
 
+#: Listen queue length: Twisted's default of 50 drops connections in any burst of clients.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=LISTEN_BACKLOG`` unless it sets its own."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 class GatewayService(MultiService):
     """The running gateway: listener, health poller, connection pool (and a demo backend).
 
@@ -129,7 +141,7 @@ class GatewayService(MultiService):
         self.gateway = gateway
         self.reactor = reactor
         self.listener = strports.service(
-            gateway.config.server.listen, gateway.site, reactor=reactor
+            with_backlog(gateway.config.server.listen), gateway.site, reactor=reactor
         )
         self.listener.setName("http")
         self.health: HealthService | None = None

@@ -54,6 +54,8 @@ class RequestRecord:
     completion_tokens: int | None = None
     time_to_first_token: float | None = None
     recorded: bool = False
+    #: The client went away before the response was finished.
+    client_gone: bool = False
 
     def set_usage(self, prompt: int | None, completion: int | None) -> None:
         """Keep token counts reported by the backend."""
@@ -90,6 +92,7 @@ def track(request: Any, recorder: Recorder, clock: Callable[[], float]) -> Reque
         record.write(recorder, request.code, clock())
 
     def lost(_: Failure) -> None:
+        record.client_gone = True
         record.error_type = "client_disconnect"
         record.write(recorder, CLIENT_CLOSED, clock())
 

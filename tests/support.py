@@ -114,7 +114,7 @@ async def start_gateway(
         backends=tuple(configs),
     )
     gateway = build_gateway(config, reactor, environ={"TEST_BACKEND_KEY": "backend-secret"})
-    port = reactor.listenTCP(0, gateway.site, interface="127.0.0.1")
+    port = reactor.listenTCP(0, gateway.site, backlog=1024, interface="127.0.0.1")
     pool = HTTPConnectionPool(reactor, persistent=True)
     client = HTTPClient(Agent(reactor, pool=pool))
     running = RunningGateway(gateway, port, client, pool)

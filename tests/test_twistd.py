@@ -174,3 +174,11 @@ def test_bad_config_stops_startup_with_one_line(tmp_path: Path, text: str, key: 
     assert len(lines) == 1, output
     assert str(config) in lines[0] and key in lines[0], output
     assert "Traceback" not in output
+
+
+def test_listen_backlog_is_raised_unless_set() -> None:
+    from nexus.service import LISTEN_BACKLOG, with_backlog
+
+    assert with_backlog("tcp:8000") == f"tcp:8000:backlog={LISTEN_BACKLOG}"
+    assert with_backlog("tcp:8000:backlog=64") == "tcp:8000:backlog=64"
+    assert with_backlog("unix:/tmp/nexus.sock") == f"unix:/tmp/nexus.sock:backlog={LISTEN_BACKLOG}"
