@@ -10,34 +10,19 @@ written, on its errback when the client went away first (status 499).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+if TYPE_CHECKING:
+    from nexus.metrics import MetricsCollector
+
 log = Logger()
 
 #: Status recorded for a client that left before the last byte was written.
 CLIENT_CLOSED = 499
-
-
-class Recorder(Protocol):
-    """What records finished requests (``MetricsCollector`` satisfies it)."""
-
-    def record_request(
-        self,
-        model: str | None,
-        backend: str | None,
-        status: int,
-        duration: float,
-        error_type: str | None = None,
-        fallback_from: str | None = None,
-        fallback_to: str | None = None,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        time_to_first_token: float | None = None,
-    ) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -62,7 +47,7 @@ class RequestRecord:
         self.prompt_tokens = prompt
         self.completion_tokens = completion
 
-    def write(self, recorder: Recorder, status: int, now: float) -> None:
+    def write(self, recorder: MetricsCollector, status: int, now: float) -> None:
         """Record the finished request, once; a metrics failure is only logged."""
         if self.recorded:
             return
@@ -84,7 +69,7 @@ class RequestRecord:
             log.failure("recording a request's metrics failed")
 
 
-def track(request: Any, recorder: Recorder, clock: Callable[[], float]) -> RequestRecord:
+def track(request: Any, recorder: MetricsCollector, clock: Callable[[], float]) -> RequestRecord:
     """Start a record for ``request``, written when the request finishes or is lost."""
     record = RequestRecord(started=clock())
 
