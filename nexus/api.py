@@ -303,26 +303,36 @@ class NexusRequest(Request):
         channel = self.channel
         site = self.nexus_site
         body = error.to_json()
-        path = getattr(channel, "_path", b"").split(b"?", 1)[0]
+        path = (getattr(channel, "_path", None) or b"").split(b"?", 1)[0]
         answer_and_close(channel, status, phrase, body)
-        if path in INFERENCE_PATHS and site.collector is not None:
-            record = RequestRecord(started=site.now())
-            record.error_type = error.error_type
-            record.write(site.collector, status, site.now())
+        record_refused(site, path, status, error.error_type)
 
 
 class NexusChannel(HTTPChannel):
     """HTTP/1.1 channel whose malformed-request answer is an OpenAI-style error."""
+
+    site: NexusSite  # set by Site.buildProtocol
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         body = InvalidRequest(
             "Malformed request, or request line and headers over the size or count limit."
         ).to_json()
         answer_and_close(self, 400, b"Bad Request", body)
+        # _path may be missing (unparsable request line) or stale from the previous request.
+        path = (getattr(self, "_path", None) or b"").split(b"?", 1)[0]
+        record_refused(self.site, path, 400, "invalid_request")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would drop the connection without a word.
         self._respondToBadRequestAndDisconnect()
+
+
+def record_refused(site: Any, path: bytes, status: int, error_type: str) -> None:
+    """Count an inference request answered before it reached a handler."""
+    if path in INFERENCE_PATHS and site.collector is not None:
+        record = RequestRecord(started=site.now())
+        record.error_type = error_type
+        record.write(site.collector, status, site.now())
 
 
 #: How long a refused client may go on sending before its connection is cut.

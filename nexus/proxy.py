@@ -249,7 +249,8 @@ class ChatCompletions:
             record.fallback_to = decision.model
         if decision.model != requested:
             payload["model"] = decision.model
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            # ASCII-escaped: a lone surrogate from the client survives re-encoding.
+            body = json.dumps(payload).encode("utf-8")
         stream = payload.get("stream") is True
         authorization = request.requestHeaders.getRawHeaders(b"authorization")
         return await self._forward(request, record, decision, body, stream, authorization, deadline)
@@ -328,7 +329,8 @@ class ChatCompletions:
         if code >= 500:
             discard_body(response)
             raise _AttemptFailed(BadGateway(f"Backend '{backend.name}' answered {code}."))
-        if stream and code == 200:
+        # A backend that answers a stream request with plain JSON is read as JSON.
+        if stream and code == 200 and not _is_json(response):
             await self._relay(request, record, decision, backend, response)
             return None
         try:
@@ -405,6 +407,11 @@ class ChatCompletions:
         request.setHeader(b"x-nexus-backend", backend.name)
         if decision.fallback_from is not None:
             request.setHeader(b"x-nexus-fallback-model", decision.model)
+
+
+def _is_json(response: IResponse) -> bool:
+    types = response.headers.getRawHeaders(b"content-type") or [b""]
+    return types[0].split(b";")[0].strip().lower() == _JSON
 
 
 def _count(value: object) -> int | None:

@@ -113,6 +113,18 @@ class CachedEndpoints:
         return endpoint
 
 
+class _Pool(HTTPConnectionPool):
+    """A pool that never keeps a connection that is already being closed."""
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        transport = connection.transport
+        if transport is None or transport.disconnecting:
+            # A body protocol stopped it (stopProducing) while the response finished in
+            # the same read: reusing it would fail the next request.
+            return
+        super()._putConnection(key, connection)
+
+
 class UpstreamClient(Service):
     """Owns the shared connection pool and the clients built on it.
 
@@ -124,7 +136,7 @@ class UpstreamClient(Service):
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
         self.reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.retryAutomatically = False
         self.agent = Agent.usingEndpointFactory(
