@@ -26,7 +26,7 @@ test: setup
 
 bench: setup
 	./scripts/ensure-system-tools
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m benchmarks.run
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m benchmarks.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tox build dist *.egg-info
