@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from nexus.access import AccessPolicy
-from nexus.api import NexusAPI, NexusSite
+from nexus.api import GatewayResource, NexusAPI, NexusSite
 from nexus.config import BackendConfig, Config, ConfigError, load_config
 from nexus.health import HealthPoller, HealthService
 from nexus.metrics import MetricsCollector
@@ -111,7 +111,7 @@ def build_gateway(
         access=AccessPolicy.from_config(config.server),
         max_concurrent=config.server.max_concurrent_requests,
     )
-    site = NexusSite(api.app.resource(), config.server, collector, now, reactor=reactor)
+    site = NexusSite(GatewayResource(api), config.server, collector, now, reactor=reactor)
     return Gateway(config, registry, router, upstream, collector, poller, api, site)
 
 

@@ -2,9 +2,9 @@
 
 Every inference request gets one ``RequestRecord`` when its handler starts.
 The handler fills in what it learns (model, backend, error, tokens); the
-record is written to the metrics exactly once, when the request's
-``notifyFinish`` Deferred fires: on its callback when the last byte was
-written, on its errback when the client went away first (status 499).
+request (``nexus.api.NexusRequest``) writes the record to the metrics exactly
+once: when its last byte was written, or as status 499 when the client went
+away first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from nexus.metrics import MetricsCollector
@@ -69,17 +68,12 @@ class RequestRecord:
             log.failure("recording a request's metrics failed")
 
 
-def track(request: Any, recorder: MetricsCollector, clock: Callable[[], float]) -> RequestRecord:
-    """Start a record for ``request``, written when the request finishes or is lost."""
+def track(request: Any, clock: Callable[[], float]) -> RequestRecord:
+    """Start the record of an inference request.
+
+    ``NexusRequest`` writes it once: when the request finishes, or as 499
+    when the connection is lost first.
+    """
     record = RequestRecord(started=clock())
-
-    def finished(_: object) -> None:
-        record.write(recorder, request.code, clock())
-
-    def lost(_: Failure) -> None:
-        record.client_gone = True
-        record.error_type = "client_disconnect"
-        record.write(recorder, CLIENT_CLOSED, clock())
-
-    request.notifyFinish().addCallbacks(finished, lost)
+    request.nexus_record = record
     return record

@@ -328,7 +328,8 @@ async def test_deep_nesting(fuzz: Fuzz) -> None:
             "extra": b'{"model": "m", "messages": [], "x": ' + inner + b"}",
         }[where]
         answer = check_bad_body(fuzz, request_bytes(body), body)
-        assert answer.status == 400
+        # A deep object nest can also outgrow the body limit: then 413 is the answer.
+        assert answer.status == (413 if len(body) > MAX_BODY else 400)
 
     await run_in_thread(fuzz, prop)
 
