@@ -36,11 +36,11 @@ from nexus.tracking import RequestRecord
 from nexus.upstream import (
     HOP_BY_HOP,
     BytesProducer,
+    Deadline,
     UpstreamClient,
     UpstreamTimeout,
     discard_body,
     read_body,
-    with_timeout,
 )
 
 log = Logger()
@@ -265,7 +265,7 @@ class ChatCompletions:
         authorization: list[bytes] | None,
         deadline: float,
     ) -> bytes | None:
-        last: GatewayError = BadGateway("No backend could be tried.")
+        last: GatewayError | None = None
         for backend in decision.candidates[: 1 + self.max_retries]:
             remaining = deadline - self.now()
             if remaining <= 0:
@@ -274,9 +274,10 @@ class ChatCompletions:
             record.backend = backend.name
             backend.pending += 1
             started = self.now()
+            timer = Deadline(self.clock, remaining)
             try:
                 return await self._attempt(
-                    request, record, decision, backend, body, stream, authorization, deadline
+                    request, record, decision, backend, body, stream, authorization, timer
                 )
             except _AttemptFailed as failed:
                 if record.client_gone:
@@ -288,10 +289,11 @@ class ChatCompletions:
                     "attempt on {backend} failed: {why}", backend=backend.name, why=last.message
                 )
             finally:
+                timer.cancel()
                 backend.pending -= 1
                 backend.record_latency((self.now() - started) * 1000.0)
         request.setHeader(b"x-nexus-backend", record.backend or "none")
-        raise last
+        raise last or BadGateway("No backend could be tried.")
 
     async def _attempt(
         self,
@@ -302,18 +304,16 @@ class ChatCompletions:
         body: bytes,
         stream: bool,
         authorization: list[bytes] | None,
-        deadline: float,
+        timer: Deadline,
     ) -> bytes | None:
         try:
-            response: IResponse = await with_timeout(
+            response: IResponse = await timer.watch(
                 self.agent.request(
                     b"POST",
                     self._url(backend),
                     self._headers(backend, authorization),
                     BytesProducer(body),
-                ),
-                deadline - self.now(),
-                self.clock,
+                )
             )
         except UpstreamTimeout:
             raise _AttemptFailed(
@@ -331,10 +331,11 @@ class ChatCompletions:
             raise _AttemptFailed(BadGateway(f"Backend '{backend.name}' answered {code}."))
         # A backend that answers a stream request with plain JSON is read as JSON.
         if stream and code == 200 and not _is_json(response):
+            timer.cancel()  # from here the relay's idle timeout applies
             await self._relay(request, record, decision, backend, response)
             return None
         try:
-            data = await with_timeout(read_body(response), deadline - self.now(), self.clock)
+            data = await timer.watch(read_body(response))
         except UpstreamTimeout:
             raise _AttemptFailed(
                 GatewayTimeout(f"Backend '{backend.name}' did not finish its answer in time.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Mapping
@@ -127,6 +128,16 @@ def with_backlog(description: str) -> str:
     return description
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything alive at start-up out of the garbage collector's sight.
+
+    The ~60,000 objects of the imported modules never die; without this every
+    full collection walks them all, a pause of tens of milliseconds.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class GatewayService(MultiService):
     """The running gateway: listener, health poller, connection pool (and a demo backend).
 
@@ -155,6 +166,7 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        self.reactor.callWhenRunning(_freeze_startup_objects)
         self.gateway.upstream.startService()
         if self.health is not None:
             self.health.startService()

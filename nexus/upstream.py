@@ -215,27 +215,39 @@ class UpstreamTimeout(Exception):
     """An upstream operation did not finish in its time."""
 
 
-def with_timeout(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
-    """Cancel ``d`` after ``seconds``; it then fails with UpstreamTimeout.
+class Deadline:
+    """One timer for all the steps of an upstream attempt (headers, then body).
 
-    Unlike ``Deferred.addTimeout`` this recognises the timeout whatever failure
-    the cancelled operation reports (the Agent wraps CancelledError in
-    ResponseNeverReceived).
+    ``watch(d)`` makes ``d`` the step the deadline cancels when it expires; the
+    step then fails with UpstreamTimeout whatever failure the cancelled
+    operation reports (the Agent wraps CancelledError in ResponseNeverReceived).
     """
-    expired = False
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        d.cancel()
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self.expired = False
+        self._current: Deferred[Any] | None = None
+        self._call = clock.callLater(max(seconds, 0.0), self._expire)
 
-    call = clock.callLater(max(seconds, 0.0), expire)
+    def _expire(self) -> None:
+        self.expired = True
+        if self._current is not None:
+            self._current.cancel()
 
-    def settle(result: Any) -> Any:
-        if call.active():
-            call.cancel()
-        if expired and isinstance(result, Failure):
+    def _settle(self, result: Any) -> Any:
+        self._current = None
+        if self.expired and isinstance(result, Failure):
             raise UpstreamTimeout()
         return result
 
-    return d.addBoth(settle)
+    def watch(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Bound ``d`` by this deadline."""
+        if self.expired:
+            d.cancel()
+        else:
+            self._current = d
+        return d.addBoth(self._settle)
+
+    def cancel(self) -> None:
+        """The attempt is over: stop the timer."""
+        if self._call.active():
+            self._call.cancel()
