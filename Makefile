@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	./scripts/ensure-system-tools
+	$(VENV)/bin/pip install --quiet py-spy
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m benchmarks.run $(ARGS)
 
 clean:

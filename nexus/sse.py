@@ -60,7 +60,8 @@ def event_data(event: bytes) -> bytes:
 
 def is_done(event: bytes) -> bool:
     """Whether the event is the OpenAI end-of-stream marker."""
-    return event_data(event).strip() == b"[DONE]"
+    # The substring test keeps the parse off every ordinary event.
+    return b"[DONE]" in event and event_data(event).strip() == b"[DONE]"
 
 
 def usage_of(event: bytes) -> tuple[int | None, int | None] | None:
