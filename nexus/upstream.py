@@ -29,6 +29,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
@@ -113,8 +114,16 @@ class CachedEndpoints:
         return endpoint
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's per-connection client factory, without a log line per connection."""
+
+    noisy = False
+
+
 class _Pool(HTTPConnectionPool):
     """A pool that never keeps a connection that is already being closed."""
+
+    _factory = _QuietClientFactory
 
     def _putConnection(self, key: Any, connection: Any) -> None:
         transport = connection.transport
