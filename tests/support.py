@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
+import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -67,6 +68,19 @@ class RunningGateway:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **(headers or {})},
         )
+
+    async def stream_then_leave(self, model: str, events: int = 3) -> None:
+        """Open a stream, read ``events`` events, then close the connection (a client leaving)."""
+        response = await self.client.post(
+            self.url + "/v1/chat/completions",
+            data=json.dumps({"model": model, "messages": [], "stream": True}).encode(),
+            unbuffered=True,
+        )
+        assert response.code == 200
+        chunks: list[bytes] = []
+        treq.collect(response, chunks.append).addErrback(lambda _: None)
+        await wait_for(lambda: b"".join(chunks).count(b"data: ") >= events, what="some events")
+        response.original._transport.loseConnection()
 
     async def get_json(self, path: str) -> Any:
         response = await self.client.get(self.url + path)

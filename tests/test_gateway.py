@@ -88,16 +88,7 @@ async def test_client_disconnect_mid_stream_cancels_upstream(cleanup: list[Any])
     mock = start_mock("endless", fail="endless", stream_delay_ms=20)
     gw = await start_gateway([mock])
     cleanup += [mock, gw]
-    d = gw.client.post(
-        gw.url + "/v1/chat/completions",
-        data=json.dumps({"model": "m", "messages": [], "stream": True}).encode(),
-        unbuffered=True,
-    )
-    response = await d
-    chunks: list[bytes] = []
-    treq.collect(response, chunks.append).addErrback(lambda _: None)
-    await wait_for(lambda: len(chunks) >= 2, what="some events")
-    response.original._transport.loseConnection()  # the client goes away
+    await gw.stream_then_leave("m", events=2)
     await wait_for(lambda: mock.stats()["disconnects"] == 1, what="upstream cancelled")
     await wait_for(lambda: gw.gateway.registry.get("endless").pending == 0, what="pending 0")
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import jsonschema
 import pytest_twisted
-import treq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -292,16 +291,7 @@ async def test_scripted_mix_is_counted_exactly_everywhere(cleanup: list[Any]) ->
     assert response.code == 400
     assert b"temperature" in await answer(response)
     # A stream the client leaves after a few events, although the 200 was sent.
-    response = await gw.client.post(
-        gw.url + "/v1/chat/completions",
-        data=json.dumps({"model": "forever", "messages": [], "stream": True}).encode(),
-        unbuffered=True,
-    )
-    assert response.code == 200
-    chunks: list[bytes] = []
-    treq.collect(response, chunks.append).addErrback(lambda _: None)
-    await wait_for(lambda: b"".join(chunks).count(b"data: ") >= 3, what="some events")
-    response.original._transport.loseConnection()
+    await gw.stream_then_leave("forever")
     await wait_for(
         lambda: gw.sample(
             "nexus_requests_total", model="forever", backend="endless", status="499"
@@ -674,16 +664,7 @@ async def test_client_disconnects_are_recorded_once_and_not_logged_as_failures(
         )
         await wait_for(lambda: waiter.stats()["disconnects"] == 1, what="upstream cancelled")
         # Streaming: the 200 is out when the client leaves.
-        response = await gw.client.post(
-            gw.url + "/v1/chat/completions",
-            data=json.dumps({"model": "forever", "messages": [], "stream": True}).encode(),
-            unbuffered=True,
-        )
-        assert response.code == 200
-        chunks: list[bytes] = []
-        treq.collect(response, chunks.append).addErrback(lambda _: None)
-        await wait_for(lambda: b"".join(chunks).count(b"data: ") >= 3, what="some events")
-        response.original._transport.loseConnection()
+        await gw.stream_then_leave("forever")
         await wait_for(
             lambda: gw.sample("nexus_requests_total", model="forever", backend="endless",
                               status="499") == 1,
