@@ -12,12 +12,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import URI, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -193,6 +194,34 @@ class StreamRelay(Protocol):
                 self.request.unregisterProducer()
 
 
+@attrs.frozen
+class _Target:
+    """What every request to one backend shares: its URL and base headers.
+
+    ``headers`` is never mutated (a request that adds the client's
+    ``Authorization`` copies it); it carries ``Host`` so the Agent does not
+    copy and recompute it on every request.
+    """
+
+    url: bytes
+    headers: Headers
+    own_key: bool
+
+    @classmethod
+    def for_backend(cls, backend: Backend, environ: Mapping[str, str]) -> _Target:
+        url = (backend.config.url + "/v1/chat/completions").encode("ascii")
+        parsed = URI.fromBytes(url)
+        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
+            host += b":%d" % parsed.port
+        headers = Headers({b"content-type": [_JSON], b"host": [host]})
+        env = backend.config.api_key_env
+        key = environ.get(env) if env else None
+        if key:
+            headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("latin-1")])
+        return cls(url, headers, bool(key))
+
+
 class ChatCompletions:
     """Serves ``POST /v1/chat/completions`` for the API."""
 
@@ -215,23 +244,20 @@ class ChatCompletions:
         self.max_retries = max_retries
         self.now = now
         self.environ = environ
-        self._urls: dict[str, bytes] = {}
+        self._targets: dict[str, _Target] = {}
 
-    def _url(self, backend: Backend) -> bytes:
-        url = self._urls.get(backend.name)
-        if url is None:
-            url = (backend.config.url + "/v1/chat/completions").encode("ascii")
-            self._urls[backend.name] = url
-        return url
+    def _target(self, backend: Backend) -> _Target:
+        target = self._targets.get(backend.name)
+        if target is None:
+            target = _Target.for_backend(backend, self.environ)
+            self._targets[backend.name] = target
+        return target
 
-    def _headers(self, backend: Backend, authorization: list[bytes] | None) -> Headers:
-        headers = Headers({b"Content-Type": [_JSON]})
-        env = backend.config.api_key_env
-        key = self.environ.get(env) if env else None
-        if key:
-            headers.setRawHeaders(b"Authorization", [b"Bearer " + key.encode("latin-1")])
-        elif authorization:
-            headers.setRawHeaders(b"Authorization", authorization)
+    def _headers(self, target: _Target, authorization: list[bytes] | None) -> Headers:
+        if target.own_key or not authorization:
+            return target.headers
+        headers = target.headers.copy()
+        headers.setRawHeaders(b"authorization", authorization)
         return headers
 
     async def handle(self, request: Any, record: RequestRecord) -> bytes | None:
@@ -307,12 +333,10 @@ class ChatCompletions:
         timer: Deadline,
     ) -> bytes | None:
         try:
+            target = self._target(backend)
             response: IResponse = await timer.watch(
                 self.agent.request(
-                    b"POST",
-                    self._url(backend),
-                    self._headers(backend, authorization),
-                    BytesProducer(body),
+                    b"POST", target.url, self._headers(target, authorization), BytesProducer(body)
                 )
             )
         except UpstreamTimeout:
