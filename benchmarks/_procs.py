@@ -291,21 +291,7 @@ def run_wrk(
     stream: bool = False,
 ) -> WrkResult:
     """Run wrk to completion (bounded) and parse its figures."""
-    argv = wrk_argv(url, connections, seconds, cpu)
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            env=wrk_env(models, stream),
-            timeout=seconds + 30,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"wrk did not finish: {' '.join(argv)}") from e
-    if done.returncode != 0:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    return finish_wrk(start_wrk(url, connections, seconds, cpu, models, stream), seconds + 30)
 
 
 def start_wrk(

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import jsonschema
 import pytest
 
 from nexus.metrics import MetricsCollector, sanitize_label
-from tests.test_metrics_support import make_collector, parse_text, record_scenario
-
-SCHEMA = json.loads((Path(__file__).parent / "data" / "stats.schema.json").read_text())
-
-
-def _validate(document: object) -> None:
-    jsonschema.Draft7Validator.check_schema(SCHEMA)
-    jsonschema.Draft7Validator(SCHEMA).validate(document)
+from tests.test_metrics_support import (
+    make_collector,
+    parse_text,
+    record_scenario,
+    validate_stats,
+)
 
 
 @pytest.fixture
@@ -29,7 +25,7 @@ def scenario() -> MetricsCollector:
 
 def test_stats_are_exactly_what_was_recorded(scenario: MetricsCollector) -> None:
     document = json.loads(scenario.stats_json())
-    _validate(document)
+    validate_stats(document)
     assert document == {
         "uptime_seconds": 42,
         "requests": {"total": 10, "success": 5, "errors": 5},
@@ -49,7 +45,7 @@ def test_stats_are_exactly_what_was_recorded(scenario: MetricsCollector) -> None
 def test_a_fresh_gateway_lists_every_backend_and_available_model() -> None:
     collector, _ = make_collector()
     document = json.loads(collector.stats_json())
-    _validate(document)
+    validate_stats(document)
     assert document["uptime_seconds"] == 0
     assert document["requests"] == {"total": 0, "success": 0, "errors": 0}
     assert [b["id"] for b in document["backends"]] == ["cpu.c", "gpu-a", "gpu-b"]

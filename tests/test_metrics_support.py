@@ -6,9 +6,12 @@ No tests here. The expected numbers are written out by hand from the contract
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
@@ -23,6 +26,16 @@ TOKEN_BOUNDS = (10, 50, 100, 500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 1
 
 #: (name, labels) -> value
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+#: The project's copy of shared/spec/stats.schema.json.
+STATS_SCHEMA = json.loads((Path(__file__).parent / "data" / "stats.schema.json").read_text())
+
+
+def validate_stats(document: object) -> None:
+    """Fail unless ``document`` is valid against the /v1/stats schema."""
+    jsonschema.Draft7Validator.check_schema(STATS_SCHEMA)
+    jsonschema.Draft7Validator(STATS_SCHEMA).validate(document)
 
 
 def make_registry() -> BackendRegistry:
