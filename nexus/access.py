@@ -5,17 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from nexus.config import ConfigError, ServerConfig
-
-
-def read_keys_file(path: str) -> list[str]:
-    """Keys from a file, one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConfigError(f"server.api_keys_file: cannot read {path}: {e.strerror or e}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+from nexus.config import ConfigError, ServerConfig, read_keys_file
 
 
 def _bearer(values: list[bytes] | None) -> bytes | None:
@@ -44,10 +34,18 @@ class AccessPolicy:
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> AccessPolicy:
-        """The policy of ``[server]``; reads ``api_keys_file`` (ConfigError if unreadable)."""
+        """The policy of ``[server]``: its ``api_keys`` and those of ``api_keys_file``.
+
+        ``load_config`` has checked the file already, naming the configuration file in its
+        error; a configuration built in code is checked here: ConfigError if the file is
+        unreadable or has no key.
+        """
         keys = list(server.api_keys)
         if server.api_keys_file:
-            keys += read_keys_file(server.api_keys_file)
+            try:
+                keys += read_keys_file(server.api_keys_file)
+            except ConfigError as e:
+                raise ConfigError(f"server.api_keys_file: {e}") from None
         return cls(keys, server.metrics_token)
 
     def allows_api(self, authorization: list[bytes] | None) -> bool:

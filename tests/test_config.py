@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,16 @@ from nexus.config import (
     RoutingConfig,
     ServerConfig,
     Weights,
+    listen_warnings,
     load_config,
     parse_config,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 EXAMPLE = DOCS / "nexus.example.toml"
+
+#: Stands for a keys file that exists (``keys_file`` fixture) in the table below.
+KEYS_FILE = "<keys file>"
 
 ENV_VARS = {
     "NEXUS_SERVER_LISTEN": ("tcp:9000", ("server", "listen"), "tcp:9000"),
@@ -47,7 +53,7 @@ ENV_VARS = {
     "NEXUS_SERVER_IDLE_TIMEOUT_SECONDS": ("9", ("server", "idle_timeout_seconds"), 9.0),
     "NEXUS_SERVER_SHUTDOWN_GRACE_SECONDS": ("3", ("server", "shutdown_grace_seconds"), 3.0),
     "NEXUS_SERVER_API_KEYS": (" k1, k2 ,", ("server", "api_keys"), ("k1", "k2")),
-    "NEXUS_SERVER_API_KEYS_FILE": ("/k", ("server", "api_keys_file"), "/k"),
+    "NEXUS_SERVER_API_KEYS_FILE": (KEYS_FILE, ("server", "api_keys_file"), KEYS_FILE),
     "NEXUS_SERVER_METRICS_TOKEN": ("tok", ("server", "metrics_token"), "tok"),
 }
 
@@ -61,6 +67,21 @@ def parse(data: Mapping[str, object], environ: Mapping[str, str] | None = None) 
 
 def backend(**fields: object) -> dict[str, object]:
     return {"name": "a", "url": "http://127.0.0.1:1", **fields}
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> str:
+    path = tmp_path / "api-keys"
+    path.write_text("sk-from-file\n")
+    return str(path)
+
+
+def env_case(var: str, keys_file: str) -> tuple[str, tuple[str, str], object]:
+    """``ENV_VARS[var]`` with the keys file placeholder made real."""
+    text, where, expected = ENV_VARS[var]
+    if text == KEYS_FILE:
+        return keys_file, where, keys_file
+    return text, where, expected
 
 
 # ---- defaults and the example file
@@ -77,12 +98,12 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 
 
 def test_example_file_loads_as_documented() -> None:
-    config, warnings = load_config(str(EXAMPLE), {"VLLM_API_KEY": "secret"})
+    # As it is, in an environment without any of its variables: no error, no warning.
+    config, warnings = load_config(str(EXAMPLE), {})
     assert warnings == []
+    assert listen_warnings(config.server) == []
     assert config == Config(
-        server=ServerConfig(
-            api_keys_file="/etc/nexus/api-keys", metrics_token="change-me"
-        ),
+        server=ServerConfig(listen="tcp:8000:interface=127.0.0.1"),
         health_check=HealthCheckConfig(),
         routing=RoutingConfig(
             strategy="smart",
@@ -108,17 +129,31 @@ def test_example_file_loads_as_documented() -> None:
                 url="http://10.0.0.5:8000",  # trailing / dropped
                 type="vllm",
                 priority=50,
-                api_key_env="VLLM_API_KEY",
                 models=("mistral:7b",),
             ),
         ),
     )
 
 
+def test_example_file_starts_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``twistd -n nexus --config docs/nexus.example.toml`` as it is, up to listening."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from nexus.service import makeService
+
+    for var in [v for v in os.environ if v.startswith("NEXUS_")]:
+        monkeypatch.delenv(var)
+    service = makeService({"config": str(EXAMPLE)}, reactor=MemoryReactorClock())
+    assert service.gateway.config.server.listen == "tcp:8000:interface=127.0.0.1"
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_example_file_round_trips_through_plain_data() -> None:
-    config, _ = load_config(str(EXAMPLE), {"VLLM_API_KEY": "secret"})
+    config, _ = load_config(str(EXAMPLE), {})
     plain = json.loads(json.dumps(cattrs.Converter().unstructure(config), default=sorted))
-    assert parse_config(plain, "plain", {"VLLM_API_KEY": "secret"}) == (config, [])
+    assert parse_config(plain, "plain", {}) == (config, [])
 
 
 def _field_paths(cls: type, prefix: str) -> set[str]:
@@ -132,10 +167,13 @@ def _field_paths(cls: type, prefix: str) -> set[str]:
     return out
 
 
-def test_example_file_shows_every_key() -> None:
-    import tomllib
+#: A commented-out key of the example file: ``# api_keys_file = "..."``.
+COMMENTED_KEY = re.compile(r"^# ([A-Za-z_]+ = )", re.M)
 
-    data = tomllib.loads(EXAMPLE.read_text())
+
+def test_example_file_shows_every_key() -> None:
+    # Keys commented out (they need a file or a secret) count as shown.
+    data = tomllib.loads(COMMENTED_KEY.sub(r"\1", EXAMPLE.read_text()))
     shown = set()
     for section in ("server", "health_check", "routing"):
         for key, value in data[section].items():
@@ -420,9 +458,9 @@ def test_unknown_keys_are_warned_and_ignored(tmp_path: Path) -> None:
     config, warnings = load_config(str(path), {})
     assert config.server.listen == "tcp:1"
     assert warnings == [
-        f"{path}: unknown key 'server.listn' (ignored)",
+        f"{path}: unknown key 'server.listn' (ignored; did you mean 'server.listen'?)",
         f"{path}: unknown key 'routing.weights.speed' (ignored)",
-        f"{path}: unknown key 'backends[0].modles' (ignored)",
+        f"{path}: unknown key 'backends[0].modles' (ignored; did you mean 'backends[0].models'?)",
         f"{path}: unknown key 'metrics' (ignored)",
     ]
 
@@ -441,8 +479,8 @@ def test_unset_api_key_variable_is_warned() -> None:
 
 
 @pytest.mark.parametrize("var", list(ENV_VARS))
-def test_environment_overrides_file(var: str) -> None:
-    text, (section, key), expected = ENV_VARS[var]
+def test_environment_overrides_file(var: str, keys_file: str) -> None:
+    text, (section, key), expected = env_case(var, keys_file)
     file_value = {"routing": {"strategy": "priority_only"}}.get(section, {})
     data = {"server": {"listen": "tcp:1", "max_body_bytes": 99}, "routing": file_value}
     config = parse(data, {var: text})
@@ -451,10 +489,13 @@ def test_environment_overrides_file(var: str) -> None:
         assert config.server.listen == "tcp:1"  # the file still counts where env is silent
 
 
-def test_environment_applies_without_a_file() -> None:
-    config, warnings = load_config(None, {name: text for name, (text, _, _) in ENV_VARS.items()})
+def test_environment_applies_without_a_file(keys_file: str) -> None:
+    cases = [env_case(var, keys_file) for var in ENV_VARS]
+    config, warnings = load_config(
+        None, dict(zip(ENV_VARS, (text for text, _, _ in cases), strict=True))
+    )
     assert warnings == []
-    for _, (section, key), expected in ENV_VARS.values():
+    for _, (section, key), expected in cases:
         assert getattr(getattr(config, section), key) == expected
 
 
@@ -513,9 +554,17 @@ def test_bad_environment_value_names_the_variable(var: str, text: str, message: 
     assert str(info.value) == f"environment: {var}: {message}"
 
 
-def test_unknown_nexus_variables_are_ignored() -> None:
+def test_unknown_nexus_variables_are_warned_and_ignored() -> None:
     environ = {"NEXUS_SERVER_LISTN": "x", "NEXUS_TEST_FLAG": "1", "NEXUS_ROUTING_WEIGHTS": "x"}
-    assert parse_config({}, "nexus.toml", environ) == (Config(), [])
+    assert parse_config({}, "nexus.toml", environ) == (
+        Config(),
+        [
+            "environment: NEXUS_ROUTING_WEIGHTS: routing.weights cannot be set from the "
+            "environment, only in the file (ignored)",
+            "environment: unknown variable NEXUS_SERVER_LISTN "
+            "(ignored; did you mean NEXUS_SERVER_LISTEN?)",
+        ],
+    )
 
 
 def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,20 +1,22 @@
-"""Configuration values (contract section 2).
+"""Loading the configuration: TOML file, ``NEXUS_*`` environment overrides, validation.
 
-The classes here are the whole configuration as the rest of the gateway
-sees it: frozen ``attrs`` values, built once at start-up by ``load_config``
-(TOML file, then ``NEXUS_*`` environment overrides, then validation).
+One mechanism checks everything: the validator walks the attrs fields and their types, so a
+field added to a value class is validated, warned about and (if scalar) overridable from the
+environment without new code here. What types cannot say (ranges, choices, URLs, sums, cycles)
+lives in the two tables ``_RULES`` and ``_TABLE_CHECKS`` below.
 """
 
 from __future__ import annotations
 
 import datetime
+import difflib
 import functools
 import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType, UnionType
 from typing import Any, NoReturn, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -24,108 +26,37 @@ import cattrs
 from cattrs.cols import is_mapping
 from cattrs.gen import make_mapping_structure_fn
 
-STRATEGIES = ("smart", "round_robin", "priority_only", "random")
-BACKEND_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "openai", "generic")
-CAPABILITIES = ("vision", "tools", "json_mode")
+from nexus.config.values import (
+    BACKEND_TYPES,
+    CAPABILITIES,
+    MAX_ALIAS_HOPS,
+    STRATEGIES,
+    BackendConfig,
+    Config,
+    ConfigError,
+    HealthCheckConfig,
+    RoutingConfig,
+    ServerConfig,
+    Weights,
+)
 
+ENV_PREFIX = "NEXUS_"
 
-class ConfigError(Exception):
-    """A configuration that must not start: the message names the file and the key."""
+#: ``NEXUS_*`` variables that are not settings but are read by something else, so they are never
+#: warned about as unknown. A name ending in ``_`` stands for every name that starts with it.
+#: Settings of sections still to come are listed until their section exists (then they are
+#: settings, and their entry here can go).
+ENV_NOT_SETTINGS: tuple[str, ...] = (
+    "NEXUS_URL",  # the ``nexus`` command line client: the gateway to ask (contract 11)
+    "NEXUS_API_KEY",  # the ``nexus`` command line client: its key (contract 11)
+    "NEXUS_TEST_",  # test suite knobs (tests/faults, tox.ini passenv)
+    "NEXUS_SOAK_",  # the soak test's size and report (tests/test_soak.py, tox.ini passenv)
+    "NEXUS_BENCH_",  # the benchmark's wrk script (benchmarks/post.lua)
+    "NEXUS_DISCOVERY",  # [discovery] enabled (contract 10), to come
+    "NEXUS_LOGGING_",  # [logging] (contract 8), to come
+    "NEXUS_SERVER_WORKERS",  # [server] workers (contract 12), to come
+)
 
-
-@attrs.frozen
-class ServerConfig:
-    """``[server]``."""
-
-    listen: str = "tcp:8000"
-    request_timeout_seconds: float = 300.0
-    max_body_bytes: int = 10 * 1024 * 1024
-    #: Inference requests in flight at once; past it, 503 with Retry-After. 0: no limit.
-    max_concurrent_requests: int = 0
-    #: Request line plus headers, in bytes, and how many header lines.
-    max_header_bytes: int = 16384
-    max_headers: int = 100
-    #: Keep-alive connections idle longer than this are closed.
-    idle_timeout_seconds: float = 120.0
-    #: On SIGTERM, how long in-flight requests may take to finish before they are cut.
-    shutdown_grace_seconds: float = 30.0
-    #: Bearer keys accepted on /v1/* (empty: no access control). Also read from a file.
-    api_keys: tuple[str, ...] = ()
-    api_keys_file: str | None = None
-    #: Bearer token required on /metrics and /v1/stats (unset: they are open).
-    metrics_token: str | None = None
-
-
-@attrs.frozen
-class HealthCheckConfig:
-    """``[health_check]``."""
-
-    enabled: bool = True
-    interval_seconds: float = 30.0
-    timeout_seconds: float = 5.0
-    failure_threshold: int = 3
-    recovery_threshold: int = 2
-
-
-@attrs.frozen
-class Weights:
-    """``[routing.weights]``: the smart strategy's weights, summing to 100."""
-
-    priority: float = 50.0
-    load: float = 30.0
-    latency: float = 20.0
-
-
-@attrs.frozen
-class RoutingConfig:
-    """``[routing]``."""
-
-    strategy: str = "smart"
-    max_retries: int = 2
-    weights: Weights = attrs.Factory(Weights)
-    aliases: Mapping[str, str] = attrs.Factory(dict)
-    fallbacks: Mapping[str, tuple[str, ...]] = attrs.Factory(dict)
-
-
-@attrs.frozen
-class BackendConfig:
-    """One ``[[backends]]`` entry.
-
-    ``model_capabilities`` maps a model name to what it supports (a subset of
-    ``CAPABILITIES``); a model not in the map is assumed to support everything.
-    """
-
-    name: str
-    url: str
-    type: str = "generic"
-    priority: int = 50
-    api_key_env: str | None = None
-    models: tuple[str, ...] = ()
-    model_capabilities: Mapping[str, frozenset[str]] = attrs.Factory(dict)
-
-
-@attrs.frozen
-class Config:
-    """The whole configuration."""
-
-    server: ServerConfig = attrs.Factory(ServerConfig)
-    health_check: HealthCheckConfig = attrs.Factory(HealthCheckConfig)
-    routing: RoutingConfig = attrs.Factory(RoutingConfig)
-    backends: tuple[BackendConfig, ...] = ()
-
-
-# --------------------------------------------------------------------------------------------
-# Loading: TOML file -> NEXUS_* environment overrides -> validation -> cattrs -> Config.
-#
-# One mechanism checks everything: the validator walks the attrs fields and their types, so a
-# field added to a value class is validated, warned about and (if scalar) overridable from the
-# environment without new code here. What types cannot say (ranges, choices, URLs, sums, cycles)
-# lives in the two tables ``_RULES`` and ``_TABLE_CHECKS`` below.
-
-#: Longest alias chain accepted (``a -> b -> c -> d`` is 3 hops).
-MAX_ALIAS_HOPS = 3
-
-_ENV_PREFIX = "NEXUS"
 _ENV_TRUE = frozenset({"true", "1", "yes"})
 _ENV_FALSE = frozenset({"false", "0", "no"})
 _SCALARS: dict[type, tuple[str, str]] = {
@@ -182,16 +113,48 @@ def parse_config(
     merged, origins = _apply_environment(data, env)
     validator = _Validator(source, origins, env)
     clean = validator.table(Config, merged, ())
-    return _converter.structure(clean, Config), validator.warnings
+    warnings = validator.warnings + _environment_warnings(env)
+    return _converter.structure(clean, Config), warnings
+
+
+def read_keys_file(path: str) -> list[str]:
+    """The keys in file ``path``, one per line; blank lines and ``#`` comments are skipped.
+
+    Raises ConfigError saying what is wrong with the file (the caller adds which setting
+    named it): unreadable, not UTF-8, or without a single key, which would silently leave
+    the gateway open.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {path!r}: not UTF-8 text (byte {e.start})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"{path!r} has no key (one per line; '#' starts a comment)")
+    return keys
 
 
 # ---- environment
 
 
+@attrs.frozen
+class _EnvSetting:
+    """A setting that an environment variable can set."""
+
+    section: str
+    key: str
+    type: Any
+    #: The variable's values are added to the file's (a list), instead of replacing them.
+    adds: bool
+
+
 @functools.cache
-def _env_fields() -> dict[str, tuple[tuple[str, str], type]]:
-    """``NEXUS_<SECTION>_<KEY>`` -> ((section, key), type) for every scalar section field."""
-    out: dict[str, tuple[tuple[str, str], type]] = {}
+def _env_fields() -> dict[str, _EnvSetting]:
+    """``NEXUS_<SECTION>_<KEY>`` -> setting, for every scalar (or list) field of a section."""
+    out: dict[str, _EnvSetting] = {}
     for section in _fields(Config):
         section_type: Any = section.type
         if not attrs.has(section_type):
@@ -199,9 +162,15 @@ def _env_fields() -> dict[str, tuple[tuple[str, str], type]]:
         for field in _fields(section_type):
             tp = _env_type(field.type)
             if tp is not None:
-                name = f"{_ENV_PREFIX}_{section.name}_{field.name}".upper()
-                out[name] = ((section.name, field.name), tp)
+                name = env_name(section.name, field.name)
+                adds = bool(field.metadata.get("env_adds"))
+                out[name] = _EnvSetting(section.name, field.name, tp, adds)
     return out
+
+
+def env_name(*path: str) -> str:
+    """The environment variable named after a setting: ``NEXUS_SERVER_LISTEN``."""
+    return (ENV_PREFIX + "_".join(path)).upper()
 
 
 def _env_type(tp: Any) -> Any:
@@ -224,16 +193,25 @@ def _apply_environment(
     """``data`` with environment values laid over it, and which variable set which key."""
     merged = dict(data)
     origins: dict[_KeyPath, str] = {}
-    for var, ((section, key), tp) in _env_fields().items():
+    for var, setting in _env_fields().items():
         if var not in environ:
             continue
         try:
-            value = _from_env(environ[var], tp)
+            value = _from_env(environ[var], setting.type)
         except _Invalid as e:
             raise ConfigError(f"environment: {var}: {e}") from None
+        section, key = setting.section, setting.key
         table = merged.get(section, {})
         # A section that is not a table is the file's error; validation reports it.
-        if isinstance(table, Mapping):
+        if not isinstance(table, Mapping):
+            continue
+        if setting.adds and key in table:
+            # The file's value still counts, so its errors are still the file's: its items come
+            # first and keep their positions (the variable's items are never empty).
+            current = table[key]
+            if isinstance(current, list | tuple) and isinstance(value, list):
+                merged[section] = {**table, key: [*current, *value]}
+        else:
             merged[section] = {**table, key: value}
             origins[(section, key)] = var
     return merged, origins
@@ -258,75 +236,164 @@ def _from_env(raw: str, tp: type) -> object:
     return raw
 
 
-# ---- rules: what a value's type does not say
+def _environment_warnings(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``NEXUS_*`` variables that set nothing, in name order."""
+    settable = _env_fields()
+    file_only = _file_only_names()
+    warnings = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in settable or _not_a_setting(var):
+            continue
+        if var in file_only:
+            warnings.append(
+                f"environment: {var}: {file_only[var]} cannot be set from the environment, "
+                "only in the file (ignored)"
+            )
+        else:
+            hint = _did_you_mean(var, settable, cutoff=0.75)
+            warnings.append(f"environment: unknown variable {var} (ignored{hint})")
+    return warnings
 
 
-def _at_least(low: int) -> _Rule:
-    def rule(value: float) -> float:
-        if value < low:
-            raise _Invalid(f"must be at least {low}, got {_num(value)}")
+def _not_a_setting(var: str) -> bool:
+    return any(
+        var.startswith(name) if name.endswith("_") else var == name for name in ENV_NOT_SETTINGS
+    )
+
+
+@functools.cache
+def _file_only_names() -> dict[str, str]:
+    """Variable names that look like a setting no variable can set -> that setting's name."""
+    out = {}
+    for path in _setting_paths(Config, ()):
+        var = env_name(*path)
+        if var not in _env_fields():
+            out[var] = ".".join(path)
+    return out
+
+
+def _setting_paths(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """Every table and key under attrs class ``cls``, as paths of names."""
+    for field in _fields(cls):
+        path = (*prefix, field.name)
+        yield path
+        item = _table_class(field.type)
+        if item is not None:
+            yield from _setting_paths(item, path)
+
+
+def _table_class(tp: Any) -> Any:
+    """The attrs class of a table field (``X``) or an array of tables (``tuple[X, ...]``)."""
+    if attrs.has(tp):
+        return tp
+    if get_origin(tp) is tuple and attrs.has(get_args(tp)[0]):
+        return get_args(tp)[0]
+    return None
+
+
+def _did_you_mean(name: str, candidates: Iterable[str], cutoff: float) -> str:
+    """``"; did you mean X?"`` for the closest of ``candidates`` to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+# ---- rules: what a value's type does not say (each also says itself, for the docs)
+
+
+@attrs.frozen
+class _AtLeast:
+    low: int
+
+    def __call__(self, value: float) -> float:
+        if value < self.low:
+            raise _Invalid(f"must be at least {self.low}, got {_num(value)}")
         return value
 
-    return rule
+    def __str__(self) -> str:
+        return f"≥ {self.low}"
 
 
-def _greater_than(low: int) -> _Rule:
-    def rule(value: float) -> float:
-        if value <= low:
-            raise _Invalid(f"must be greater than {low}, got {_num(value)}")
+@attrs.frozen
+class _GreaterThan:
+    low: int
+
+    def __call__(self, value: float) -> float:
+        if value <= self.low:
+            raise _Invalid(f"must be greater than {self.low}, got {_num(value)}")
         return value
 
-    return rule
+    def __str__(self) -> str:
+        return f"> {self.low}"
 
 
-def _one_of(choices: tuple[str, ...], what: str) -> _Rule:
-    def rule(value: str) -> str:
-        if value not in choices:
-            raise _Invalid(f"unknown {what} {value!r} (expected one of {', '.join(choices)})")
+@attrs.frozen
+class _OneOf:
+    choices: tuple[str, ...]
+    what: str
+
+    def __call__(self, value: str) -> str:
+        if value not in self.choices:
+            expected = ", ".join(self.choices)
+            raise _Invalid(f"unknown {self.what} {value!r} (expected one of {expected})")
         return value
 
-    return rule
+    def __str__(self) -> str:
+        return f"one of {', '.join(self.choices)}"
 
 
-def _http_url(value: str) -> str:
-    """A backend base URL, without its trailing ``/`` (paths are appended to it)."""
-    try:
-        parts = urlsplit(value)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        ok = False
-    if not ok or any(c.isspace() for c in value):
-        raise _Invalid(f"must be an http:// or https:// URL with a host, got {value!r}")
-    if parts.query or parts.fragment:
-        raise _Invalid(f"must be a base URL without ?query or #fragment, got {value!r}")
-    return value.rstrip("/")
+@attrs.frozen
+class _HttpUrl:
+    def __call__(self, value: str) -> str:
+        """A backend base URL, without its trailing ``/`` (paths are appended to it)."""
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError:
+            ok = False
+        if not ok or any(c.isspace() for c in value):
+            raise _Invalid(f"must be an http:// or https:// URL with a host, got {value!r}")
+        if parts.query or parts.fragment:
+            raise _Invalid(f"must be a base URL without ?query or #fragment, got {value!r}")
+        return value.rstrip("/")
+
+    def __str__(self) -> str:
+        return "an http:// or https:// URL"
 
 
 #: Checks on single values, by (class, field); for a container field, on each item.
 _RULES: dict[tuple[type, str], _Rule] = {
-    (ServerConfig, "request_timeout_seconds"): _greater_than(0),
-    (ServerConfig, "max_body_bytes"): _at_least(1),
-    (ServerConfig, "max_concurrent_requests"): _at_least(0),
-    (ServerConfig, "max_header_bytes"): _at_least(256),
-    (ServerConfig, "max_headers"): _at_least(1),
-    (ServerConfig, "idle_timeout_seconds"): _greater_than(0),
-    (ServerConfig, "shutdown_grace_seconds"): _at_least(0),
-    (HealthCheckConfig, "interval_seconds"): _greater_than(0),
-    (HealthCheckConfig, "timeout_seconds"): _greater_than(0),
-    (HealthCheckConfig, "failure_threshold"): _at_least(1),
-    (HealthCheckConfig, "recovery_threshold"): _at_least(1),
-    (RoutingConfig, "strategy"): _one_of(STRATEGIES, "strategy"),
-    (RoutingConfig, "max_retries"): _at_least(0),
-    **{(Weights, f.name): _at_least(0) for f in attrs.fields(Weights)},
-    (BackendConfig, "url"): _http_url,
-    (BackendConfig, "type"): _one_of(BACKEND_TYPES, "backend type"),
-    (BackendConfig, "priority"): _at_least(0),
-    (BackendConfig, "model_capabilities"): _one_of(CAPABILITIES, "capability"),
+    (ServerConfig, "request_timeout_seconds"): _GreaterThan(0),
+    (ServerConfig, "max_body_bytes"): _AtLeast(1),
+    (ServerConfig, "max_concurrent_requests"): _AtLeast(0),
+    (ServerConfig, "max_header_bytes"): _AtLeast(256),
+    (ServerConfig, "max_headers"): _AtLeast(1),
+    (ServerConfig, "idle_timeout_seconds"): _GreaterThan(0),
+    (ServerConfig, "shutdown_grace_seconds"): _AtLeast(0),
+    (HealthCheckConfig, "interval_seconds"): _GreaterThan(0),
+    (HealthCheckConfig, "timeout_seconds"): _GreaterThan(0),
+    (HealthCheckConfig, "failure_threshold"): _AtLeast(1),
+    (HealthCheckConfig, "recovery_threshold"): _AtLeast(1),
+    (RoutingConfig, "strategy"): _OneOf(STRATEGIES, "strategy"),
+    (RoutingConfig, "max_retries"): _AtLeast(0),
+    **{(Weights, f.name): _AtLeast(0) for f in attrs.fields(Weights)},
+    (BackendConfig, "url"): _HttpUrl(),
+    (BackendConfig, "type"): _OneOf(BACKEND_TYPES, "backend type"),
+    (BackendConfig, "priority"): _AtLeast(0),
+    (BackendConfig, "model_capabilities"): _OneOf(CAPABILITIES, "capability"),
 }
 
 
 # ---- checks across the keys of one table (run on the validated values)
+
+
+def _check_server(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    keys_file = values.get("api_keys_file")
+    if keys_file is not None:
+        try:
+            read_keys_file(keys_file)
+        except ConfigError as e:
+            v.fail((*path, "api_keys_file"), str(e))
 
 
 def _check_weights(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
@@ -382,6 +449,7 @@ def _check_config(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None
 
 
 _TABLE_CHECKS: dict[type, Callable[[_Validator, dict[str, Any], _KeyPath], None]] = {
+    ServerConfig: _check_server,
     Weights: _check_weights,
     RoutingConfig: _check_routing,
     BackendConfig: _check_backend,
@@ -418,6 +486,13 @@ class _Validator:
     def warn(self, path: _KeyPath, message: str) -> None:
         self.warnings.append(f"{self.where(path)}: {message}")
 
+    def unknown(self, path: _KeyPath, known: Mapping[str, Any]) -> None:
+        """Warn about the unknown key at ``path``, with the closest known one if any."""
+        key = path[-1]
+        close = difflib.get_close_matches(str(key), list(known), n=1)
+        hint = f"; did you mean '{_dotted((*path[:-1], close[0]))}'?" if close else ""
+        self.warnings.append(f"{self.source}: unknown key '{_dotted(path)}' (ignored{hint})")
+
     def table(self, cls: type, raw: object, path: _KeyPath) -> dict[str, Any]:
         """Validate a table for attrs class ``cls``: known keys checked, unknown ones warned."""
         if not isinstance(raw, Mapping):
@@ -428,9 +503,7 @@ class _Validator:
         for key, item in raw.items():
             field = fields.get(key)
             if field is None:
-                self.warnings.append(
-                    f"{self.source}: unknown key '{_dotted((*path, key))}' (ignored)"
-                )
+                self.unknown((*path, key), fields)
             else:
                 values[key] = self.value(item, field.type, (*path, key), _RULES.get((cls, key)))
         for name, field in fields.items():
@@ -539,9 +612,13 @@ def _dotted(path: _KeyPath) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
-            out += f".{key}" if out else key
+            out += f".{toml_key(part)}" if out else toml_key(part)
     return out
+
+
+def toml_key(key: str) -> str:
+    """``key`` as TOML writes it: bare when it can be, else quoted."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
 
 
 def _num(value: float) -> str:

@@ -1,0 +1,273 @@
+"""Configuration values (contract section 2): constants and the frozen classes.
+
+These classes are the whole configuration as the rest of the gateway sees it. Every field
+carries its help text (``metadata["help"]``, and an ``"example"`` where the default shows
+nothing useful): ``nexus.config.reference`` turns them into the settings tables of
+docs/configuration.md and the commented file that ``nexus config init`` writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+STRATEGIES = ("smart", "round_robin", "priority_only", "random")
+BACKEND_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "openai", "generic")
+CAPABILITIES = ("vision", "tools", "json_mode")
+
+#: Longest alias chain accepted (``a -> b -> c -> d`` is 3 hops).
+MAX_ALIAS_HOPS = 3
+
+#: Loopback only: serving other hosts is a choice (warned about without API keys).
+DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A configuration that must not start: the message names the file and the key."""
+
+
+def doc(text: str, example: object = None, env_adds: bool = False) -> dict[str, object]:
+    """A field's metadata: its help text, and what the reference shows for it.
+
+    ``example`` is shown (commented out) for a setting whose default is unset, required or an
+    empty table; ``env_adds`` says that its environment variable adds to the file's values
+    instead of replacing them.
+    """
+    return {"help": text, "example": example, "env_adds": env_adds}
+
+
+@attrs.frozen
+class ServerConfig:
+    """``[server]``."""
+
+    listen: str = attrs.field(
+        default=DEFAULT_LISTEN,
+        metadata=doc(
+            "Where to listen, as a Twisted strports description (`tcp:8000:interface=0.0.0.0` "
+            "for every interface, `ssl:8443:...`, `unix:/run/nexus.sock`). Loopback only by "
+            "default; listening beyond it while no API key is set is warned about at start."
+        ),
+    )
+    request_timeout_seconds: float = attrs.field(
+        default=300.0,
+        metadata=doc(
+            "Longest wait for a backend's response headers, and for a whole non-streaming "
+            "response; for a stream, the longest silence between events (a stream that keeps "
+            "flowing is never cut). Past it: 504."
+        ),
+    )
+    max_body_bytes: int = attrs.field(
+        default=10 * 1024 * 1024, metadata=doc("Larger request bodies get 413 (10 MiB).")
+    )
+    max_concurrent_requests: int = attrs.field(
+        default=0,
+        metadata=doc(
+            "Inference requests in flight at once; more get 503 `service_unavailable` with "
+            "`Retry-After: 1`. No limit when 0."
+        ),
+    )
+    max_header_bytes: int = attrs.field(
+        default=16384,
+        metadata=doc(
+            "Request line plus headers, in bytes; larger gets 400 and the connection is closed."
+        ),
+    )
+    max_headers: int = attrs.field(
+        default=100, metadata=doc("Header lines per request; more gets 400.")
+    )
+    idle_timeout_seconds: float = attrs.field(
+        default=120.0, metadata=doc("Keep-alive connections idle this long are closed.")
+    )
+    shutdown_grace_seconds: float = attrs.field(
+        default=30.0,
+        metadata=doc(
+            "On SIGTERM the gateway stops accepting, lets requests in flight finish for this "
+            "long, then cuts the rest (recorded as 499)."
+        ),
+    )
+    api_keys: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=doc(
+            "Access control: when any key is set (here, in `api_keys_file` or in the "
+            "environment: keys from all three are accepted), every `/v1/*` endpoint but "
+            "`/v1/stats` requires `Authorization: Bearer <key>`, else 401 `invalid_api_key`. "
+            "Keys are compared in constant time and never logged.",
+            env_adds=True,
+        ),
+    )
+    api_keys_file: str | None = attrs.field(
+        default=None,
+        metadata=doc(
+            "A file with more keys, one per line (blank lines and `#` comments skipped), read "
+            "at start-up; a missing, unreadable or empty file stops start-up.",
+            example="/etc/nexus/api-keys",
+        ),
+    )
+    metrics_token: str | None = attrs.field(
+        default=None,
+        metadata=doc(
+            "When set, `/metrics` and `/v1/stats` require `Authorization: Bearer <token>` "
+            "(Prometheus: `authorization: {credentials: ...}`); an API key does not open them. "
+            "Unset, both are open.",
+            example="a-long-random-string",
+        ),
+    )
+
+
+@attrs.frozen
+class HealthCheckConfig:
+    """``[health_check]``."""
+
+    enabled: bool = attrs.field(
+        default=True,
+        metadata=doc(
+            "Poll backends for health and models. Off, every configured backend is taken "
+            "as healthy."
+        ),
+    )
+    interval_seconds: float = attrs.field(
+        default=30.0, metadata=doc("Time between two rounds of checks.")
+    )
+    timeout_seconds: float = attrs.field(
+        default=5.0, metadata=doc("A check that takes longer has failed.")
+    )
+    failure_threshold: int = attrs.field(
+        default=3, metadata=doc("Failures in a row that turn a healthy backend unhealthy.")
+    )
+    recovery_threshold: int = attrs.field(
+        default=2, metadata=doc("Successes in a row that turn an unhealthy backend healthy.")
+    )
+
+
+@attrs.frozen
+class Weights:
+    """``[routing.weights]``: the smart strategy's weights, summing to 100."""
+
+    priority: float = attrs.field(
+        default=50.0, metadata=doc("Weight of the backend's configured `priority`.")
+    )
+    load: float = attrs.field(default=30.0, metadata=doc("Weight of its requests in flight."))
+    latency: float = attrs.field(default=20.0, metadata=doc("Weight of its recent response time."))
+
+
+@attrs.frozen
+class RoutingConfig:
+    """``[routing]``."""
+
+    strategy: str = attrs.field(
+        default="smart",
+        metadata=doc(
+            "`smart` (score by priority, load and latency), `round_robin`, `priority_only` "
+            "(lowest `priority` wins) or `random`."
+        ),
+    )
+    max_retries: int = attrs.field(
+        default=2,
+        metadata=doc(
+            "Extra attempts on the next best backend after a connection failure, timeout, 5xx "
+            "or unparsable answer. A backend's 4xx is never retried."
+        ),
+    )
+    weights: Weights = attrs.field(
+        factory=Weights,
+        metadata=doc(
+            "Weights of the `smart` strategy: the three must sum to 100 (keys left out keep "
+            "their defaults and count in the sum)."
+        ),
+    )
+    aliases: Mapping[str, str] = attrs.field(
+        factory=dict,
+        metadata=doc(
+            '`alias = "target"`: a request for the alias is served as the target model. An '
+            f"alias may point at another alias, up to {MAX_ALIAS_HOPS} hops (`a -> b -> c -> "
+            "d`); an alias pointing at itself, a cycle or a longer chain stops start-up. A "
+            "model that a healthy backend serves under the alias's own name is served directly.",
+            example={"gpt-4": "llama3:70b"},
+        ),
+    )
+    fallbacks: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=dict,
+        metadata=doc(
+            '`model = ["other", ...]`: when no healthy backend serves `model` (after alias '
+            "resolution), the listed models are tried in order. One level: a fallback's own "
+            "fallbacks are not followed.",
+            example={"llama3:70b": ["mistral:7b"]},
+        ),
+    )
+
+
+@attrs.frozen
+class BackendConfig:
+    """One ``[[backends]]`` entry.
+
+    ``model_capabilities`` maps a model name to what it supports (a subset of
+    ``CAPABILITIES``); a model not in the map is assumed to support everything.
+    """
+
+    name: str = attrs.field(
+        metadata=doc(
+            "Unique, non-empty: the backend id in headers, metrics and stats.",
+            example="ollama-local",
+        )
+    )
+    url: str = attrs.field(
+        metadata=doc(
+            "Base URL, `http://` or `https://` with a host, no `?query` or `#fragment`; a "
+            "trailing `/` is dropped.",
+            example="http://127.0.0.1:11434",
+        )
+    )
+    type: str = attrs.field(
+        default="generic",
+        metadata=doc("Decides how health and models are discovered.", example="ollama"),
+    )
+    priority: int = attrs.field(default=50, metadata=doc("Lower is preferred."))
+    api_key_env: str | None = attrs.field(
+        default=None,
+        metadata=doc(
+            "Name of an environment variable whose value is sent as the bearer token to this "
+            "backend instead of the client's `Authorization`; warned about at start when it "
+            "is not set.",
+            example="OLLAMA_API_KEY",
+        ),
+    )
+    models: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=doc(
+            "Models to assume this backend serves even when discovery does not list them.",
+            example=["llama3:70b"],
+        ),
+    )
+    model_capabilities: Mapping[str, frozenset[str]] = attrs.field(
+        factory=dict,
+        metadata=doc(
+            '`model = ["vision", "tools", "json_mode"]`: what a model supports; a model not '
+            "listed is assumed to support everything.",
+            example={"llava:13b": ["vision"]},
+        ),
+    )
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration."""
+
+    server: ServerConfig = attrs.field(
+        factory=ServerConfig,
+        metadata=doc("The HTTP server: where it listens, its limits, access control."),
+    )
+    health_check: HealthCheckConfig = attrs.field(
+        factory=HealthCheckConfig,
+        metadata=doc(
+            "Health checks: a backend starts `unknown` and becomes `healthy` or `unhealthy` "
+            "after its first check."
+        ),
+    )
+    routing: RoutingConfig = attrs.field(
+        factory=RoutingConfig, metadata=doc("How a request picks its backend.")
+    )
+    backends: tuple[BackendConfig, ...] = attrs.field(
+        default=(),
+        metadata=doc("One table per backend; none is allowed."),
+    )
