@@ -14,33 +14,39 @@ from typing import Any
 import openai
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 from treq.client import HTTPClient
 from twisted.internet import protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
-import nexus.mock
-from nexus.mock import (
+import nexus.testing
+from nexus.testing import (
     FAIL_MODES,
     HUGE_LENGTH,
+    STREAM_FRAMINGS,
     MockBackend,
     MockSettings,
     Options,
+    answer_text,
     listen_mock,
     makeService,
-    stream_piece,
+    stream_pieces,
 )
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
-REPO = Path(nexus.mock.__file__).resolve().parent.parent
+REPO = Path(nexus.testing.__file__).resolve().parents[2]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -56,9 +62,11 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: st
 
 
 def mock_timers() -> list[Any]:
-    """Delayed calls scheduled by nexus.mock (a leak if any remain once a request is over)."""
+    """Delayed calls scheduled by nexus.testing (a leak if any remain once a request is over)."""
     return [
-        c for c in reactor.getDelayedCalls() if getattr(c.func, "__module__", "") == "nexus.mock"
+        c
+        for c in reactor.getDelayedCalls()
+        if getattr(c.func, "__module__", "").startswith("nexus.testing")
     ]
 
 
@@ -252,7 +260,7 @@ async def test_hop_by_hop_header_on_the_wire_keeps_connection_close(start: Any) 
     head = wire.received.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
     assert head[0] == b"http/1.1 200 ok"
     assert b"connection: close" in head
-    assert b"connection: x-mock-hop" in head
+    assert b"connection: x-mock-hop, x-mock-backend" in head
     assert b"x-mock-hop: 1" in head
     assert b"x-mock-backend: mock" in head
 
@@ -288,8 +296,8 @@ async def test_stream_events_end_with_done(start: Any, include_usage: bool) -> N
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     content = [c["choices"][0]["delta"]["content"] for c in chunks[1:5]]
-    assert content == [stream_piece("beta", i) for i in range(4)]
-    assert "".join(content).startswith("Hello from beta")
+    assert content == stream_pieces("beta", 4) == ["Hello", " ", "from", " beta"]
+    assert "".join(content) == "Hello from beta"
     assert chunks[5]["choices"][0]["finish_reason"] == "stop"
     if include_usage:
         assert len(chunks) == 7
@@ -642,6 +650,246 @@ async def test_stop_aborts_open_requests(start: Any) -> None:
     assert stats["aborted"] == 1 and stats["disconnects"] == 0 and stats["open_connections"] == 0
 
 
+# -- answer text -----------------------------------------------------------------------------
+
+
+@given(name=st.text(min_size=1, max_size=20), chunks=st.integers(min_value=0, max_value=40))
+def test_stream_pieces_spell_the_answer(name: str, chunks: int) -> None:
+    pieces = stream_pieces(name, chunks)
+    text = answer_text(name, chunks)
+    assert len(pieces) == chunks
+    assert "".join(pieces) == text == (f"Hello from {name}" if chunks else "")
+    assert all(pieces[: len(text)])  # one character per event before any empty one
+    if 2 <= chunks <= len(text) - 4:
+        assert pieces[0] == "Hello"
+    if 3 <= chunks <= 7:
+        assert pieces[-1] == f" {name}"
+    if chunks == 3:
+        assert pieces == ["Hello", " from", f" {name}"]
+
+
+async def streamed_text(client: Client, model: str) -> str:
+    """The ``delta.content`` of every event of one stream, joined."""
+    raw = await (await client.chat(model=model, stream=True)).content()
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n")[:-1]]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_text_equals_the_non_streamed_text(start: Any) -> None:
+    # First the demo backend's settings (nexus.service.start_demo_backend), then the edges.
+    backend, client = start(name="demo", models=["demo", "demo-large"], stream_delay_ms=50)
+    cases: list[dict[str, Any]] = [
+        {},
+        {"stream_delay_ms": 0, "stream_chunks": 0},
+        {"stream_chunks": 1},
+        {"stream_chunks": 2},
+        {"stream_chunks": 3},
+        {"stream_chunks": 8, "name": "other"},
+        {"first_token_delay_ms": 5},
+        {"stream_framing": "close"},
+    ]
+    texts = []
+    for knobs in cases:
+        backend.configure(**knobs)
+        for model in ("demo", "demo-large"):
+            answer = await client.json(await client.chat(model=model))
+            text = answer["choices"][0]["message"]["content"]
+            assert await streamed_text(client, model) == text, knobs
+        texts.append(text)
+    assert texts[0] == "Hello from demo"  # what the demo answers, streamed or not
+    assert texts[1] == ""  # no content events, no text
+    assert texts[2:5] == ["Hello from demo"] * 3
+    assert texts[5:] == ["Hello from other"] * 3
+
+
+# -- stream framing, first token, headers ----------------------------------------------------
+
+
+def raw_request(method: bytes, path: bytes, body: bytes = b"", close: bool = False) -> bytes:
+    """A raw HTTP/1.1 request; without ``close`` it leaves the connection open."""
+    connection = b"Connection: close\r\n" if close else b""
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\n%s" % (method, path, connection)
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def chat_request(close: bool = False, **fields: Any) -> bytes:
+    """A raw chat request for ``mock-model`` with ``fields`` added to the body."""
+    body = json.dumps({"model": "mock-model", "messages": MESSAGES, **fields}).encode()
+    return raw_request(b"POST", CHAT.encode(), body, close)
+
+
+async def exchange(backend: MockBackend, request: bytes) -> tuple[list[bytes], bytes]:
+    """Send ``request`` raw; return the response head's lines and its body once the server
+    closes the connection."""
+    wire = Wire(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", backend.port.getHost().port)
+    await connectProtocol(endpoint, wire)
+    await wire.closed.addTimeout(5, reactor)
+    head, body = wire.received.split(b"\r\n\r\n", 1)
+    return head.split(b"\r\n"), body
+
+
+def header_lines(head: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``(lower-case name, value)`` for each header line of a response head."""
+    pairs = [line.split(b": ", 1) for line in head[1:]]
+    return [(name.lower(), value) for name, value in pairs]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_framing_close_on_the_wire(start: Any) -> None:
+    backend, client = start(name="c", stream_framing="close", stream_chunks=3)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        head, body = await exchange(backend, chat_request(stream=True))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    # Nothing from Twisted's request machinery either (the raw client's factory logs its start).
+    client_side = "twisted.internet.endpoints"
+    assert [e for e in logged if not e.get("log_namespace", "").startswith(client_side)] == []
+    assert head[0] == b"HTTP/1.1 200 OK"
+    headers = header_lines(head)
+    names = {name for name, _ in headers}
+    assert names == {
+        b"server", b"date", b"content-type", b"cache-control", b"connection",
+        b"x-mock-backend", b"x-mock-hop",
+    }  # fmt: skip
+    assert b"content-length" not in names and b"transfer-encoding" not in names
+    assert (b"content-type", b"text/event-stream") in headers
+    connection = [v for n, v in headers if n == b"connection"]
+    assert connection == [b"close", b"x-mock-hop, x-mock-backend"]
+    # The body is the events and [DONE], nothing else (no chunk sizes, no "0" chunk), and the
+    # server closed the connection by itself to end it.
+    assert body.startswith(b"data: {") and body.endswith(b"\n\ndata: [DONE]\n\n")
+    events = body.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+    assert len(chunks) == 5  # role, three content, finish
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello from c"
+    await wait_for(lambda: backend.stats()["open_connections"] == 0, what="connection closed")
+    assert backend.stats()["completed"] == 1 and backend.stats()["aborted"] == 0
+
+    # An HTTP client reads such a body to its end (the close).
+    response = await client.chat(stream=True)
+    assert response.headers.getRawHeaders("transfer-encoding") is None
+    assert (await response.content()).endswith(b"data: [DONE]\n\n")
+    assert (await client.chat()).code == 200  # non-streamed answers keep their Content-Length
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_framing_close_truncated_sse_cuts_mid_event(start: Any) -> None:
+    backend, client = start(stream_framing="close", fail="truncated_sse")
+    head, body = await exchange(backend, chat_request(stream=True))
+    assert head[0] == b"HTTP/1.1 200 OK"
+    names = {name for name, _ in header_lines(head)}
+    assert b"content-length" not in names and b"transfer-encoding" not in names
+    first, rest = body.split(b"\n\n", 1)
+    assert json.loads(first.removeprefix(b"data: "))["object"] == "chat.completion.chunk"
+    assert rest == b'data: {"id": '  # half an event, then the close: nothing more
+    await wait_for(lambda: backend.stats()["aborted"] == 1, what="cut counted")
+
+    # To an HTTP client the body just ends: only the bytes say the stream was cut.
+    raw = await (await client.chat(stream=True)).content()
+    assert raw.endswith(b'\n\ndata: {"id": ') and b"[DONE]" not in raw
+    await wait_for(lambda: backend.stats()["aborted"] == 2, what="cut counted")
+    assert backend.stats()["completed"] == 0
+
+
+def dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body (whole chunks only)."""
+    out = b""
+    while data:
+        size_line, data = data.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        out += data[:size]
+        data = data[size + 2 :]
+    return out
+
+
+def test_first_token_delay_sends_the_role_at_once_and_content_later() -> None:
+    clock = MemoryReactorClock()
+    settings = MockSettings(stream_chunks=3, first_token_delay_ms=400, stream_delay_ms=10)
+    backend = MockBackend(settings, clock)
+    channel = backend.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(chat_request(stream=True))
+
+    def events() -> list[Any]:
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        raw = dechunk(body).split(b"\n\n")[:-1]
+        return [e if e == b"data: [DONE]" else json.loads(e.removeprefix(b"data: ")) for e in raw]
+
+    # Headers and the role-only event at once, no content yet.
+    assert [e["choices"][0]["delta"] for e in events()] == [{"role": "assistant"}]
+    clock.advance(0.399)
+    assert len(events()) == 1
+    clock.advance(0.001)
+    assert [e["choices"][0]["delta"] for e in events()[1:]] == [{"content": "Hello"}]
+    clock.advance(0.010)  # then stream_delay_ms between events
+    assert events()[-1]["choices"][0]["delta"] == {"content": " from"}
+    for _ in range(3):
+        clock.advance(0.010)
+    assert events()[-1] == b"data: [DONE]"
+    assert len(events()) == 6  # role, three content, finish, [DONE]
+    assert clock.getDelayedCalls() == []
+    assert backend.stats()["completed"] == 1
+
+    # 0 (the default) is today's stream: a role event with empty content, no wait.
+    transport.clear()
+    backend.configure(first_token_delay_ms=0, stream_delay_ms=0)
+    channel.dataReceived(chat_request(stream=True))
+    deltas = [e["choices"][0]["delta"] for e in events()[:-1]]
+    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Hello"}]
+
+
+#: Headers any HTTP server may send; every other header of the mock's is its own.
+STANDARD_HEADERS = {
+    "allow", "cache-control", "connection", "content-length", "content-type", "date", "server",
+    "transfer-encoding",
+}  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_header_of_its_own_is_named_x_mock(start: Any) -> None:
+    # On the wire: an HTTP client adds and drops headers of its own.
+    backend, _ = start(type="llamacpp")
+    requests = [
+        chat_request(close=True),
+        chat_request(close=True, stream=True),
+        raw_request(b"GET", b"/health", close=True),
+        raw_request(b"GET", b"/v1/nothing", close=True),
+        raw_request(b"GET", CHAT.encode(), close=True),
+        raw_request(b"GET", b"/_mock/stats", close=True),
+    ]
+    heads = [(await exchange(backend, request))[0] for request in requests]
+    backend.configure(fail="503")
+    heads.append((await exchange(backend, chat_request(close=True)))[0])
+    backend.configure(fail=None, stream_framing="close")
+    heads.append((await exchange(backend, chat_request(stream=True)))[0])
+    names = {name.decode() for head in heads for name, _ in header_lines(head)}
+    assert names - STANDARD_HEADERS == {"x-mock-backend", "x-mock-hop"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_knobs_over_the_control_api(start: Any) -> None:
+    backend, client = start()
+    changes = {"stream_framing": "close", "first_token_delay_ms": 25}
+    config = await client.json(await client.post("/_mock/config", changes))
+    assert config["stream_framing"] == "close" and config["first_token_delay_ms"] == 25
+    assert backend.settings.stream_framing == "close"
+    for bad in ({"stream_framing": "http2"}, {"first_token_delay_ms": -5}):
+        response = await client.post("/_mock/config", bad)
+        assert response.code == 400
+        assert next(iter(bad)) in (await client.json(response))["error"]["message"]
+    config = await client.json(await client.get("/_mock/config"))
+    assert config["stream_framing"] == "close" and config["first_token_delay_ms"] == 25
+
+
 # -- control API and settings ----------------------------------------------------------------
 
 
@@ -688,6 +936,10 @@ def test_settings_are_validated_on_every_assignment() -> None:
         ("stream_chunks", 1.5),
         ("models", "m"),
         ("health_fail", 1),
+        ("stream_framing", "http2"),
+        ("stream_framing", None),
+        ("first_token_delay_ms", -1),
+        ("first_token_delay_ms", True),
     ]:
         with pytest.raises(ValueError, match=name):
             setattr(settings, name, value)
@@ -695,18 +947,23 @@ def test_settings_are_validated_on_every_assignment() -> None:
     with pytest.raises(KeyError, match="unknown setting"):
         backend.configure(nope=1)
     assert set(FAIL_MODES) >= {"500", "hang", "endless"}
+    assert STREAM_FRAMINGS == ("chunked", "close")
+    assert MockSettings().stream_framing == "chunked"  # today's framing unless asked
+    assert MockSettings().first_token_delay_ms == 0
 
 
 def test_options() -> None:
     options = Options()
     options.parseOptions(
         ["--port", "0", "--models", "a, b", "--type", "ollama", "--fail", "stall",
-         "--fail-count", "3", "--stream-delay-ms", "2.5", "--flap"]
+         "--fail-count", "3", "--stream-delay-ms", "2.5", "--flap",
+         "--stream-framing", "close", "--first-token-delay-ms", "40"]
     )  # fmt: skip
     settings = options["settings"]
     assert settings.models == ["a", "b"] and settings.type == "ollama"
     assert settings.fail == "stall" and settings.fail_count == 3
     assert settings.stream_delay_ms == 2.5 and settings.flap
+    assert settings.stream_framing == "close" and settings.first_token_delay_ms == 40
     service = makeService(options, reactor)
     assert service.backend.settings is settings and service.port_number == 0
 
@@ -717,9 +974,25 @@ def test_options() -> None:
         (["--models", ","], "models"),
         (["--latency-ms", "-3"], "latency-ms"),
         (["--port", "70000"], "port"),
+        (["--stream-framing", "http2"], "--stream-framing must be one of chunked, close"),
+        (["--first-token-delay-ms", "-1"], "--first-token-delay-ms must be a number >= 0"),
     ]:
         with pytest.raises(usage.UsageError, match=message):
             Options().parseOptions(argv)
+
+
+def test_mock_service_opens_its_port_only_while_running() -> None:
+    clock = MemoryReactorClock()
+    options = Options()
+    options.parseOptions(["--port", "9123", "--interface", "127.0.0.1"])
+    service = makeService(options, clock)
+    assert clock.tcpServers == []  # building the service opens nothing
+    service.startService()
+    assert [(port, iface) for port, _, _, iface in clock.tcpServers] == [(9123, "127.0.0.1")]
+    assert service.backend.url == "http://127.0.0.1:9123"
+    stopped = service.stopService()
+    assert stopped.called and service.backend.port is None
+    assert not service.running
 
 
 # -- as a process ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 nexus_mock = ServiceMaker(
     "nexus-mock",
-    "nexus.mock",
+    "nexus.testing.plugin",
     "A fake OpenAI / Ollama / llama.cpp inference server with failure knobs (Nexus testing).",
     "nexus-mock",
 )

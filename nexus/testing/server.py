@@ -1,92 +1,61 @@
-"""A fake inference server: OpenAI-compatible chat plus Ollama / llama.cpp discovery.
+"""The mock backend's HTTP side: a lean ``twisted.web`` site, its one resource and ``MockBackend``.
 
-The gateway's demo mode, its tests and its benchmarks talk to this server over real HTTP. It is
-plain ``twisted.web`` (one leaf resource, no access log, no per-request timers) because it is
+Plain ``twisted.web`` (one leaf resource, no access log, no per-request timers) because the mock is
 also the "direct backend" the benchmarks compare the gateway against, so the non-streaming path
 serves precomputed bytes.
-
-Knobs (``MockSettings``) can be changed at runtime, in process (``MockBackend.configure``) or over
-HTTP (``POST /_mock/config``), to make the server slow, failing or broken in specific ways.
-
-In process::
-
-    backend = listen_mock(reactor, MockSettings(models=["m1"]))   # port 0 on 127.0.0.1
-    backend.url                                                   # "http://127.0.0.1:<port>"
-    await backend.stop()
-
-As a process: ``twistd -n nexus-mock --port 9001 --models m1,m2 --type ollama``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
 import attrs
-from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from nexus.config import BACKEND_TYPES
+from nexus.testing.bodies import (
+    ERROR_404,
+    ERROR_405,
+    ERROR_500,
+    ERROR_503,
+    ERROR_HEALTH,
+    HALF_EVENT,
+    ID_PLACEHOLDER,
+    check_chat_body,
+    completion_body,
+    endless_events,
+    error,
+    stream_events,
+)
+from nexus.testing.settings import HUGE_LENGTH, RESET_AFTER_SECONDS, SETTING_NAMES, MockSettings
 
 __all__ = [
-    "BACKEND_TYPES",
-    "FAIL_MODES",
-    "HUGE_LENGTH",
-    "SETTING_NAMES",
+    "DelayedCallLike",
+    "ListeningPortLike",
     "MockBackend",
-    "MockService",
-    "MockSettings",
-    "Options",
+    "ReactorLike",
+    "default_reactor",
     "listen_mock",
-    "makeService",
-    "stream_piece",
 ]
-
-#: Values of ``MockSettings.fail``; what each does is described on ``MockSettings``.
-FAIL_MODES = (
-    "500",
-    "503",
-    "hang",
-    "reset",
-    "invalid_json",
-    "stall",
-    "truncated_sse",
-    "huge_length",
-    "endless",
-)
-
-#: ``usage.completion_tokens`` of a non-streaming answer (a stream counts its content events).
-NON_STREAM_COMPLETION_TOKENS = 5
-
-#: How long "reset" waits between writing part of a response and aborting the connection, so the
-#: part is flushed to the client first (an abort discards whatever is still buffered).
-RESET_AFTER_SECONDS = 0.05
-
-#: The Content-Length that "huge_length" announces (2 GiB, one past the largest int32).
-HUGE_LENGTH = 2147483648
 
 # How a chat request ended (see MockBackend.stats).
 COMPLETED, DISCONNECTED, ABORTED = "completed", "disconnected", "aborted"
 
-_ID = "@@MOCK_ID@@"
-_ID_BYTES = _ID.encode("ascii")
-_DONE = b"data: [DONE]\n\n"
-_HALF_EVENT = b'data: {"id": '
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
 _NO_CACHE = b"no-cache"
+_CLOSE = b"close"
 _HOP_NAME = b"x-mock-hop"
 _HOP_VALUE = b"1"
+#: The ``Connection`` tokens naming the mock's own headers as hop-by-hop.
+_HOP_NAMES = b"x-mock-hop, x-mock-backend"
 
 
 # Structural types for the few reactor, timer, port and transport methods used here: the
@@ -121,262 +90,14 @@ class ReactorLike(Protocol):
     ) -> ListeningPortLike: ...
 
 
-def _default_reactor() -> ReactorLike:
-    # Imported late: importing this module must not install the global reactor.
+def default_reactor() -> ReactorLike:
+    """The global reactor, imported late: importing the mock must not install it."""
     from twisted.internet import reactor
 
     return reactor
 
 
-# -- settings --------------------------------------------------------------------------------
-
-
-def _non_negative(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
-
-
-def _int_at_least(low: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    def check(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{attribute.name} must be an integer >= {low}, got {value!r}")
-
-    return check
-
-
-def _optional_count(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _int_at_least(0)(inst, attribute, value)
-
-
-def _one_of(
-    choices: Sequence[str | None],
-) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    def check(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value not in choices:
-            shown = ", ".join("null" if c is None else c for c in choices)
-            raise ValueError(f"{attribute.name} must be one of {shown}; got {value!r}")
-
-    return check
-
-
-def _string(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
-
-
-def _model_list(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
-        raise ValueError(f"{attribute.name} must be a list of non-empty strings, got {value!r}")
-
-
-def _bool(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{attribute.name} must be true or false, got {value!r}")
-
-
-@attrs.define
-class MockSettings:
-    """The mock's knobs; mutable, and validated on every assignment.
-
-    ``type`` decides which discovery endpoints answer (``/api/tags`` for ollama, ``/health`` for
-    llamacpp and vllm, ``/v1/models`` for all). ``latency_ms`` delays the headers of every chat
-    response, ``health_latency_ms`` those of every discovery response.
-
-    ``fail`` makes ``POST /v1/chat/completions`` misbehave, for the next ``fail_count`` chat
-    requests (then it clears itself; -1 = until changed):
-
-    - ``"500"`` / ``"503"``: that status with an OpenAI error body.
-    - ``"hang"``: never answer; the request stays open until the client leaves.
-    - ``"reset"``: headers and part of the body (one event for a stream), then a TCP reset.
-    - ``"invalid_json"``: 200, ``application/json``, body ``not json{`` (streams too).
-    - ``"stall"``: stream: headers and two events, then silence with the connection open;
-      non-stream: headers with the full Content-Length and half the body, then silence.
-    - ``"truncated_sse"``: stream: one event and half of the next, then the chunked body is ended
-      properly and the connection closed (a clean end without ``[DONE]``); non-stream: half the
-      announced body, then the connection is closed (FIN, not reset).
-    - ``"huge_length"``: 200 with ``Content-Length: 2147483648``, a few bytes, then silence.
-    - ``"endless"``: stream: an event every ``max(stream_delay_ms, 1)`` ms until the client
-      leaves; non-stream: a chunked JSON body that never ends (a space every interval).
-
-    ``health_fail`` makes discovery endpoints answer 500; ``flap`` makes each discovery path
-    alternate success / 500 on every probe (first one succeeds; paths alternate independently,
-    so a check that probes two paths sees both succeed or both fail).
-    ``completion_tokens`` overrides ``usage.completion_tokens``; by default it is the number of
-    content events (``stream_chunks``) for a stream and 5 otherwise.
-    """
-
-    name: str = attrs.field(default="mock", validator=_string)
-    models: list[str] = attrs.field(factory=lambda: ["mock-model"], validator=_model_list)
-    type: str = attrs.field(default="openai", validator=_one_of(BACKEND_TYPES))
-    latency_ms: float = attrs.field(default=0.0, validator=_non_negative)
-    stream_chunks: int = attrs.field(default=5, validator=_int_at_least(0))
-    stream_delay_ms: float = attrs.field(default=0.0, validator=_non_negative)
-    fail: str | None = attrs.field(default=None, validator=_one_of((None, *FAIL_MODES)))
-    fail_count: int = attrs.field(default=-1, validator=_int_at_least(-1))
-    health_fail: bool = attrs.field(default=False, validator=_bool)
-    flap: bool = attrs.field(default=False, validator=_bool)
-    health_latency_ms: float = attrs.field(default=0.0, validator=_non_negative)
-    prompt_tokens: int = attrs.field(default=10, validator=_int_at_least(0))
-    completion_tokens: int | None = attrs.field(default=None, validator=_optional_count)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (what ``GET /_mock/config`` answers)."""
-        return attrs.asdict(self)
-
-
-SETTING_NAMES = frozenset(a.name for a in attrs.fields(MockSettings))
-
-
-# -- bodies ----------------------------------------------------------------------------------
-
-
-def _error(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}}
-    ).encode("utf-8")
-
-
-_ERROR_500 = _error("mock backend failure (fail=500)", "server_error", None, "internal_error")
-_ERROR_503 = _error(
-    "mock backend overloaded (fail=503)", "server_error", None, "service_unavailable"
-)
-_ERROR_HEALTH = _error("mock backend unhealthy", "server_error", None, "internal_error")
-_ERROR_404 = _error("Not found", "invalid_request_error", None, "not_found")
-_ERROR_405 = _error("Method not allowed", "invalid_request_error", None, "method_not_allowed")
-_ERROR_TEMPERATURE = _error(
-    "temperature must be <= 2", "invalid_request_error", "temperature", None
-)
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _completion_body(settings: MockSettings, model: str) -> bytes:
-    """A chat.completion JSON with ``_ID`` where the response id goes."""
-    completion = settings.completion_tokens
-    if completion is None:
-        completion = NON_STREAM_COMPLETION_TOKENS
-    return json.dumps(
-        {
-            "id": f"chatcmpl-{_ID}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": "fp_mock",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": f"Hello from {settings.name}"},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": _usage(settings.prompt_tokens, completion),
-        }
-    ).encode("utf-8")
-
-
-def stream_piece(name: str, index: int) -> str:
-    """The content delta of stream event ``index`` (0-based) from a backend called ``name``.
-
-    The first three spell ``Hello from <name>``; later ones are `` #<index>``.
-    """
-    if index == 0:
-        return "Hello"
-    if index == 1:
-        return " from"
-    if index == 2:
-        return f" {name}"
-    return f" #{index}"
-
-
-class _ChunkMaker:
-    """Builds ``chat.completion.chunk`` events (with ``_ID`` in place of the stream id)."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.created = int(time.time())
-
-    def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {
-            "id": f"chatcmpl-{_ID}",
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": "fp_mock",
-            "choices": choices,
-            **extra,
-        }
-        return b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n"
-
-    def role(self) -> bytes:
-        return self.event(
-            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-        )
-
-    def content(self, text: str) -> bytes:
-        return self.event([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
-
-    def finish(self) -> bytes:
-        return self.event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-
-
-def _stream_events(settings: MockSettings, model: str, include_usage: bool) -> list[bytes]:
-    """Every event of a normal stream, ``[DONE]`` included, with ``_ID`` placeholders."""
-    maker = _ChunkMaker(model)
-    n = settings.stream_chunks
-    events = [maker.role()]
-    events.extend(maker.content(stream_piece(settings.name, i)) for i in range(n))
-    events.append(maker.finish())
-    if include_usage:
-        completion = n if settings.completion_tokens is None else settings.completion_tokens
-        events.append(maker.event([], usage=_usage(settings.prompt_tokens, completion)))
-    events.append(_DONE)
-    return events
-
-
-def _endless_events(name: str, model: str) -> Iterator[bytes]:
-    maker = _ChunkMaker(model)
-    yield maker.role()
-    for i in itertools.count():
-        yield maker.content(stream_piece(name, i))
-
-
-def _check_chat_body(body: object, models: list[str]) -> tuple[int, bytes] | None:
-    """Validate a chat request body; return (status, error body) if it must be refused."""
-    if not isinstance(body, dict):
-        return 400, _error(
-            "The request body must be a JSON object.", "invalid_request_error", None, None
-        )
-    model = body.get("model")
-    if not isinstance(model, str):
-        return 400, _error(
-            "'model' is required and must be a string.", "invalid_request_error", "model", None
-        )
-    if not isinstance(body.get("messages"), list):
-        return 400, _error(
-            "'messages' is required and must be a list.", "invalid_request_error", "messages", None
-        )
-    temperature = body.get("temperature")
-    if isinstance(temperature, int | float) and temperature > 2:
-        return 400, _ERROR_TEMPERATURE
-    if model not in models:
-        return 404, _error(
-            f"The model `{model}` does not exist or you do not have access to it.",
-            "invalid_request_error",
-            "model",
-            "model_not_found",
-        )
-    return None
-
-
-# -- HTTP ------------------------------------------------------------------------------------
+# -- Twisted site, channel, request ----------------------------------------------------------
 
 
 class _MockRequest(server.Request):
@@ -506,9 +227,10 @@ class _MockResource(Resource):
         """Add the headers every response carries, then dispatch."""
         headers = request.responseHeaders
         headers.setRawHeaders(b"x-mock-backend", [self.backend.name_bytes])
-        # A hop-by-hop header the gateway must strip. addRawHeader keeps a "close" that
-        # Twisted may already have set, so clients still see that the connection ends.
-        headers.addRawHeader(b"connection", _HOP_NAME)
+        # The mock's own headers are hop-by-hop (listed in Connection): a proxy in front
+        # strips them, so they never reach the clients of a gateway. addRawHeader keeps a
+        # "close" that Twisted may already have set, so clients still see that it ends.
+        headers.addRawHeader(b"connection", _HOP_NAMES)
         headers.setRawHeaders(_HOP_NAME, [_HOP_VALUE])
         methods = self.routes.get(request.path)
         if methods is None:
@@ -516,12 +238,15 @@ class _MockResource(Resource):
         handler = methods.get(request.method)
         if handler is None:
             request.responseHeaders.setRawHeaders(b"allow", [b", ".join(methods)])
-            return _answer(request, 405, _ERROR_405)
+            return _answer(request, 405, ERROR_405)
         return handler(request)
 
 
+# -- writing responses -----------------------------------------------------------------------
+
+
 def _not_found(request: server.Request) -> bytes:
-    return _answer(request, 404, _ERROR_404)
+    return _answer(request, 404, ERROR_404)
 
 
 def _answer(request: server.Request, status: int, body: bytes) -> bytes:
@@ -541,11 +266,36 @@ def _send(request: _MockRequest, status: int, body: bytes, content_type: bytes =
     request.finish()
 
 
-def _start_stream(request: _MockRequest) -> None:
+def _start_stream(request: _MockRequest, framing: str) -> None:
+    """Set up a 200 event stream; with ``framing="close"`` also send its head right away."""
     request.setResponseCode(200)
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [_SSE])
     headers.setRawHeaders(b"cache-control", [_NO_CACHE])
+    if framing == "close":
+        _send_close_delimited_head(request)
+
+
+def _send_close_delimited_head(request: _MockRequest) -> None:
+    """Write the status line and headers of a close-delimited body on the transport ourselves.
+
+    Twisted's ``Request.write`` would pick chunked encoding for an HTTP/1.1 body without a
+    Content-Length. Marking the head as written (``startedWriting``) makes it pass the body
+    through as is and makes ``finish`` add nothing; a non-persistent channel closes the
+    connection once the request is finished, which is what ends the body. Both attributes
+    are public on ``twisted.web.http``; ``test_stream_framing_close_on_the_wire`` pins them.
+    """
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"connection", [_CLOSE, _HOP_NAMES])
+    headers.removeHeader(b"content-length")
+    headers.removeHeader(b"transfer-encoding")
+    head = [b"HTTP/1.1 200 OK\r\n"]
+    for name, values in headers.getAllRawHeaders():
+        head.extend(b"%s: %s\r\n" % (name, value) for value in values)
+    head.append(b"\r\n")
+    _transport(request).writeSequence(head)
+    request.startedWriting = 1
+    request.channel.persistent = False
 
 
 def _nothing(request: _MockRequest) -> None:
@@ -591,6 +341,9 @@ def _close(request: _MockRequest) -> None:
     _transport(request).loseConnection()
 
 
+# -- the backend -----------------------------------------------------------------------------
+
+
 class MockBackend:
     """One fake inference server: its settings, its counters and its HTTP resource tree.
 
@@ -600,7 +353,7 @@ class MockBackend:
 
     def __init__(self, settings: MockSettings | None = None, reactor: ReactorLike | None = None):
         self.settings = settings if settings is not None else MockSettings()
-        self.reactor: ReactorLike = reactor if reactor is not None else _default_reactor()
+        self.reactor: ReactorLike = reactor if reactor is not None else default_reactor()
         self.resource = _MockResource(self)
         self.site = _MockSite(self.resource, self.reactor)
         self.port: ListeningPortLike | None = None
@@ -766,26 +519,33 @@ class MockBackend:
                 model = settings.models[0] if settings.models else "mock-model"
             action = self._failure(fail, stream, model, n)
             return self._later(request, settings.latency_ms, action)
-        refused = _check_chat_body(body, settings.models)
+        refused = check_chat_body(body, settings.models)
         if refused is not None:
-            status, error = refused
+            status, error_body = refused
             return self._later(
-                request, settings.latency_ms, partial(_send, status=status, body=error)
+                request, settings.latency_ms, partial(_send, status=status, body=error_body)
             )
         model = body["model"]
         if stream:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             events = self._stream(model, usage, n)
+            # Finishing also ends a close-delimited stream: its channel is not persistent.
             play = partial(self._play, events=events, index=0, end=_finish)
             return self._later(request, settings.latency_ms, play)
-        key = (model, settings.name, settings.prompt_tokens, settings.completion_tokens)
+        key = (
+            model,
+            settings.name,
+            settings.stream_chunks,
+            settings.prompt_tokens,
+            settings.completion_tokens,
+        )
         template = self._bodies.get(key)
         if template is None:
             if len(self._bodies) > 1000:
                 self._bodies.clear()
-            template = self._bodies[key] = _completion_body(settings, model)
-        payload = template.replace(_ID_BYTES, b"%d" % n)
+            template = self._bodies[key] = completion_body(settings, model)
+        payload = template.replace(ID_PLACEHOLDER, b"%d" % n)
         if settings.latency_ms > 0:
             return self._later(
                 request, settings.latency_ms, partial(_send, status=200, body=payload)
@@ -796,14 +556,22 @@ class MockBackend:
 
     def _stream(self, model: str, usage: bool, n: int) -> list[bytes]:
         s = self.settings
-        key = (model, usage, s.name, s.stream_chunks, s.prompt_tokens, s.completion_tokens)
+        key = (
+            model,
+            usage,
+            s.name,
+            s.stream_chunks,
+            s.first_token_delay_ms > 0,
+            s.prompt_tokens,
+            s.completion_tokens,
+        )
         events = self._streams.get(key)
         if events is None:
             if len(self._streams) > 1000:
                 self._streams.clear()
-            events = self._streams[key] = _stream_events(s, model, usage)
+            events = self._streams[key] = stream_events(s, model, usage)
         stream_id = b"%d" % n
-        return [e.replace(_ID_BYTES, stream_id) for e in events]
+        return [e.replace(ID_PLACEHOLDER, stream_id) for e in events]
 
     def _play(
         self,
@@ -812,23 +580,28 @@ class MockBackend:
         index: int,
         end: Callable[[_MockRequest], None],
     ) -> None:
-        """Write ``events[index:]`` one write each, ``stream_delay_ms`` apart, then ``end``."""
+        """Write ``events[index:]`` one write each, then ``end``.
+
+        Events are ``stream_delay_ms`` apart, except that the second one (the first content
+        event) waits ``first_token_delay_ms`` when that is set.
+        """
         request.mock_timer = None
+        settings = self.settings
         if index == 0:
-            _start_stream(request)
-        delay = self.settings.stream_delay_ms
-        if delay <= 0:
-            for event in events[index:]:
-                request.write(event)
-            end(request)
-            return
-        request.write(events[index])
-        if index + 1 < len(events):
-            request.mock_timer = self.reactor.callLater(
-                delay / 1000.0, self._play, request, events, index + 1, end
-            )
-        else:
-            end(request)
+            _start_stream(request, settings.stream_framing)
+        first_token, gap = settings.first_token_delay_ms, settings.stream_delay_ms
+        while index < len(events):
+            request.write(events[index])
+            index += 1
+            if index == len(events):
+                break
+            delay = first_token if index == 1 and first_token > 0 else gap
+            if delay > 0:
+                request.mock_timer = self.reactor.callLater(
+                    delay / 1000.0, self._play, request, events, index, end
+                )
+                return
+        end(request)
 
     def _endless(self, request: _MockRequest, events: Iterator[bytes]) -> None:
         request.mock_timer = None
@@ -839,9 +612,9 @@ class MockBackend:
     def _failure(self, mode: str, stream: bool, model: str, n: int) -> Handler:
         """The action that answers one chat request in failure ``mode``."""
         if mode == "500":
-            return partial(_send, status=500, body=_ERROR_500)
+            return partial(_send, status=500, body=ERROR_500)
         if mode == "503":
-            return partial(_send, status=503, body=_ERROR_503)
+            return partial(_send, status=503, body=ERROR_503)
         if mode == "hang":
             return _nothing
         if mode == "invalid_json":
@@ -852,7 +625,7 @@ class MockBackend:
             if stream:
                 return partial(self._endless_stream, model=model)
             return self._endless_json
-        body = _completion_body(self.settings, model).replace(_ID_BYTES, b"%d" % n)
+        body = completion_body(self.settings, model).replace(ID_PLACEHOLDER, b"%d" % n)
         events = self._stream(model, False, n) if stream else []
         if mode == "reset":
             if stream:
@@ -864,7 +637,7 @@ class MockBackend:
             return partial(self._partial, body=body, end=_nothing)
         if mode == "truncated_sse":
             if stream:
-                return partial(self._truncated_stream, events=[events[0], _HALF_EVENT])
+                return partial(self._truncated_stream, events=[events[0], HALF_EVENT])
             return partial(self._partial, body=body, end=_close)
         raise AssertionError(f"unhandled fail mode {mode!r}")
 
@@ -879,13 +652,17 @@ class MockBackend:
         end(request)
 
     def _truncated_stream(self, request: _MockRequest, events: list[bytes]) -> None:
+        if self.settings.stream_framing == "close":
+            # Close-delimited: the connection ends mid-event, which is the whole body.
+            self._play(request, events, 0, _close)
+            return
         # Tell the client the connection ends here, so no pool reuses it.
-        request.responseHeaders.addRawHeader(b"connection", b"close")
+        request.responseHeaders.addRawHeader(b"connection", _CLOSE)
         self._play(request, events, 0, _finish_close)
 
     def _endless_stream(self, request: _MockRequest, model: str) -> None:
-        _start_stream(request)
-        self._endless(request, _endless_events(self.settings.name, model))
+        _start_stream(request, self.settings.stream_framing)
+        self._endless(request, endless_events(self.settings.name, model))
 
     def _abort_soon(self, request: _MockRequest) -> None:
         request.mock_timer = self.reactor.callLater(RESET_AFTER_SECONDS, _abort, request)
@@ -906,7 +683,7 @@ class MockBackend:
             failing = failing or self._flap_state.get(path, False)
             self._flap_state[path] = not self._flap_state.get(path, False)
         if failing:
-            action = partial(_send, status=500, body=_ERROR_HEALTH)
+            action = partial(_send, status=500, body=ERROR_HEALTH)
         else:
             action = partial(_send, status=200, body=body())
         return self._later(request, settings.health_latency_ms, action)
@@ -966,14 +743,14 @@ class MockBackend:
         except ValueError:
             changes = None
         if not isinstance(changes, dict):
-            error = _error("The body must be a JSON object of settings.", "invalid_request_error")
-            return _answer(request, 400, error)
+            refusal = error("The body must be a JSON object of settings.", "invalid_request_error")
+            return _answer(request, 400, refusal)
         try:
             self.configure(**changes)
         except KeyError as e:
-            return _answer(request, 400, _error(e.args[0], "invalid_request_error"))
+            return _answer(request, 400, error(e.args[0], "invalid_request_error"))
         except (ValueError, TypeError) as e:
-            return _answer(request, 400, _error(str(e), "invalid_request_error"))
+            return _answer(request, 400, error(str(e), "invalid_request_error"))
         return self._get_config(request)
 
     def _get_stats(self, request: _MockRequest) -> object:
@@ -998,93 +775,3 @@ def listen_mock(
     backend = MockBackend(settings, reactor)
     backend.listen(port, interface)
     return backend
-
-
-# -- twistd ----------------------------------------------------------------------------------
-
-
-class MockService(service.Service):
-    """Runs one ``MockBackend`` on a TCP port while the service runs."""
-
-    _log = Logger()
-
-    def __init__(self, backend: MockBackend, port: int, interface: str) -> None:
-        self.backend = backend
-        self.port_number = port
-        self.interface = interface
-
-    def startService(self) -> None:
-        """Listen (synchronously, so a busy port stops ``twistd`` at start-up) and log the URL."""
-        self.backend.listen(self.port_number, self.interface)
-        super().startService()
-        s = self.backend.settings
-        self._log.info(
-            "nexus-mock {name} ({type}, models {models}) listening on {url}",
-            name=s.name,
-            type=s.type,
-            models=",".join(s.models),
-            url=self.backend.url,
-        )
-
-    def stopService(self) -> Deferred[None]:
-        """Stop listening and cut open connections."""
-        super().stopService()
-        return self.backend.stop()
-
-
-class Options(usage.Options):
-    """``twistd nexus-mock`` options."""
-
-    synopsis = "[options]"
-    longdesc = "A fake OpenAI / Ollama / llama.cpp inference server for testing Nexus."
-
-    optParameters = [
-        ["port", "p", 9001, "TCP port to listen on (0 picks a free one).", int],
-        ["interface", "i", "127.0.0.1", "Interface to listen on."],
-        ["name", None, "mock", "Backend name (x-mock-backend header, answer text)."],
-        ["models", None, "mock-model", "Comma-separated model names."],
-        ["type", None, "openai", f"Server type: {'|'.join(BACKEND_TYPES)}."],
-        ["latency-ms", None, 0.0, "Delay before chat response headers (ms).", float],
-        ["stream-chunks", None, 5, "Content events per stream.", int],
-        ["stream-delay-ms", None, 0.0, "Gap between stream events (ms).", float],
-        ["fail", None, None, f"Failure mode: {'|'.join(FAIL_MODES)}."],
-        ["fail-count", None, -1, "Chat requests the failure applies to (-1 = all).", int],
-    ]
-    optFlags = [
-        ["health-fail", None, "Discovery/health endpoints answer 500."],
-        ["flap", None, "Discovery/health endpoints alternate success and 500."],
-    ]
-
-    def postOptions(self) -> None:
-        """Build ``self["settings"]``, turning any invalid value into a UsageError."""
-        models = [m.strip() for m in self["models"].split(",") if m.strip()]
-        try:
-            self["settings"] = MockSettings(
-                name=self["name"],
-                models=models,
-                type=self["type"],
-                latency_ms=self["latency-ms"],
-                stream_chunks=self["stream-chunks"],
-                stream_delay_ms=self["stream-delay-ms"],
-                fail=self["fail"],
-                fail_count=self["fail-count"],
-                health_fail=bool(self["health-fail"]),
-                flap=bool(self["flap"]),
-            )
-        except ValueError as e:
-            # Validator messages start with the setting's name: show it as the option.
-            name, _, rest = str(e).partition(" ")
-            raise usage.UsageError(f"--{name.replace('_', '-')} {rest}") from None
-        if not models:
-            raise usage.UsageError("--models needs at least one model name")
-        if not 0 <= self["port"] <= 65535:
-            raise usage.UsageError(f"--port must be 0..65535, got {self['port']}")
-
-
-def makeService(
-    options: usage.Options | dict[str, Any], reactor: ReactorLike | None = None
-) -> MockService:
-    """The ``twistd nexus-mock`` service: one mock backend on ``--interface:--port``."""
-    settings = options["settings"] if "settings" in options else MockSettings()
-    backend = MockBackend(settings, reactor)
-    return MockService(backend, int(options["port"]), str(options["interface"]))
