@@ -6,8 +6,9 @@ and time to first token, client errors, backend errors, timeouts, disconnects,
 fallbacks, plus health checks. Compared with prometheus_client's
 ``generate_latest`` on the same data (the baseline the renderer replaces).
 
-Run with ``python -m benchmarks.bench_metrics``; ``run()`` returns the numbers
-for a larger benchmark suite.
+Run with ``python -m benchmarks.bench_metrics`` from the repository root (the
+baseline's prometheus_client bridge lives in ``tests``); ``run()`` returns the
+numbers for a larger benchmark suite.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import generate_latest
 
 from nexus.config import BackendConfig
 from nexus.metrics import MetricsCollector
 from nexus.registry import HEALTHY, BackendRegistry
+from nexus.tracking import RequestRecord
+from tests.prometheus_bridge import prometheus_registry
 
 MODELS = 10
 RECORD_CALLS = 200_000
@@ -36,6 +40,21 @@ OUTCOMES: tuple[tuple[int, str | None, bool, bool], ...] = (
     (503, "no_healthy_backend", False, False),
     (504, "timeout", False, False),
 )
+
+
+def _finished(
+    model: str | None, backend: str | None, status: int, duration: float, **fields: Any
+) -> RequestRecord:
+    """A finished record, as the server layer hands it to the collector."""
+    return RequestRecord(
+        started=0.0,
+        model=model,
+        backend=backend,
+        status=status,
+        duration=duration,
+        finished=True,
+        **fields,
+    )
 
 
 def build(backends: int, models: int = MODELS, seed: int = 0) -> MetricsCollector:
@@ -58,18 +77,20 @@ def build(backends: int, models: int = MODELS, seed: int = 0) -> MetricsCollecto
         for model in names:
             for status, error, tokens, fallback in OUTCOMES:
                 collector.record_request(
-                    model,
-                    backend.name,
-                    status,
-                    rng.lognormvariate(0.0, 1.5),
-                    error_type=error,
-                    fallback_from=model if fallback else None,
-                    fallback_to=names[1] if fallback else None,
-                    prompt_tokens=rng.randint(10, 4000) if tokens else None,
-                    completion_tokens=rng.randint(1, 2000) if tokens else None,
-                    time_to_first_token=rng.uniform(0.02, 3.0) if tokens else None,
+                    _finished(
+                        model,
+                        backend.name,
+                        status,
+                        rng.lognormvariate(0.0, 1.5),
+                        error_type=error,
+                        fallback_from=model if fallback else None,
+                        fallback_to=names[1] if fallback else None,
+                        prompt_tokens=rng.randint(10, 4000) if tokens else None,
+                        completion_tokens=rng.randint(1, 2000) if tokens else None,
+                        time_to_first_token=rng.uniform(0.02, 3.0) if tokens else None,
+                    )
                 )
-        collector.record_request(None, None, 400, 0.0005, error_type="invalid_request")
+        collector.record_request(_finished(None, None, 400, 0.0005, error_type="invalid_request"))
     return collector
 
 
@@ -93,59 +114,70 @@ def _p95(times: list[float]) -> float:
 
 def _touch_all(collector: MetricsCollector) -> Callable[[], None]:
     """A function recording one request on every pair (so every series is dirty)."""
-    pairs = [(s.model, s.backend) for s in collector.iter_pairs() if s.backend != "none"]
+    records = [
+        _finished(s.model, s.backend, 200, 0.42, prompt_tokens=100)
+        for s in collector.iter_pairs()
+        if s.backend != "none"
+    ]
 
     def touch() -> None:
-        for model, backend in pairs:
-            collector.record_request(model, backend, 200, 0.42, prompt_tokens=100)
+        for record in records:
+            collector.record_request(record)
 
     return touch
 
 
 def _touch_few(collector: MetricsCollector, n: int = 5) -> Callable[[], None]:
     """A function recording requests on ``n`` pairs only (a quiet scrape interval)."""
-    pairs = [(s.model, s.backend) for s in collector.iter_pairs() if s.backend != "none"][:n]
+    records = [
+        _finished(s.model, s.backend, 200, 0.42)
+        for s in collector.iter_pairs()
+        if s.backend != "none"
+    ][:n]
 
     def touch() -> None:
-        for model, backend in pairs:
-            collector.record_request(model, backend, 200, 0.42)
+        for record in records:
+            collector.record_request(record)
 
     return touch
 
 
 def bench_record(collector: MetricsCollector, calls: int = RECORD_CALLS) -> dict[str, float]:
-    """Microseconds per record_request with a warm cache (best of 5 runs), three shapes."""
+    """Microseconds per record_request with a warm cache (best of 5 runs), three shapes.
+
+    The records are built beforehand: the request path has its record from the
+    start, so building one is not part of recording it.
+    """
     pairs = [(s.model, s.backend) for s in collector.iter_pairs() if s.backend != "none"]
-    args = [pairs[i % len(pairs)] for i in range(calls // 5)]
-    record = collector.record_request
-
-    def plain() -> None:
-        for model, backend in args:
-            record(model, backend, 200, 0.42)
-
-    def streaming() -> None:
-        for model, backend in args:
-            record(
-                model,
-                backend,
+    n = calls // 5
+    shapes: dict[str, list[RequestRecord]] = {
+        "record_request_us": [_finished(m, b, 200, 0.42) for m, b in pairs],
+        "record_request_tokens_ttft_us": [
+            _finished(
+                m,
+                b,
                 200,
                 1.7,
                 prompt_tokens=512,
                 completion_tokens=256,
                 time_to_first_token=0.3,
             )
-
-    def failed() -> None:
-        for model, backend in args:
-            record(model, backend, 502, 0.9, error_type="backend_error")
-
+            for m, b in pairs
+        ],
+        "record_request_error_us": [
+            _finished(m, b, 502, 0.9, error_type="backend_error") for m, b in pairs
+        ],
+    }
+    record = collector.record_request
     out = {}
-    for name, loop in (
-        ("record_request_us", plain),
-        ("record_request_tokens_ttft_us", streaming),
-        ("record_request_error_us", failed),
-    ):
-        out[name] = min(_timed(loop, 5)) / len(args) * 1e6
+    for name, shape in shapes.items():
+        records = [shape[i % len(shape)] for i in range(n)]
+
+        def loop(records: list[RequestRecord] = records) -> None:
+            for r in records:
+                record(r)
+
+        out[name] = min(_timed(loop, 5)) / n * 1e6
     return out
 
 
@@ -161,13 +193,14 @@ def bench_render(collector: MetricsCollector, prefix: str, repeat: int = 30) -> 
         out[f"{prefix}_render_{name}_all_dirty_ms"] = statistics.median(dirty) * 1e3
         out[f"{prefix}_render_{name}_steady_ms"] = statistics.median(steady) * 1e3
         out[f"{prefix}_render_{name}_steady_p95_ms"] = _p95(steady) * 1e3
-    baseline = _timed(lambda: generate_latest(collector.prometheus_registry), max(5, repeat // 3))
+    baseline_registry = prometheus_registry(collector)
+    baseline = _timed(lambda: generate_latest(baseline_registry), max(5, repeat // 3))
     out[f"{prefix}_generate_latest_ms"] = statistics.median(baseline) * 1e3
     stats = _timed(collector.stats_json, repeat)
     out[f"{prefix}_stats_ms"] = statistics.median(stats) * 1e3
     out[f"{prefix}_stats_p95_ms"] = _p95(stats) * 1e3
     out[f"{prefix}_samples"] = float(
-        sum(len(m.samples) for m in collector.prometheus_registry.collect())
+        sum(len(m.samples) for m in baseline_registry.collect())
     )
     out[f"{prefix}_body_bytes"] = float(len(collector.render()))
     out[f"{prefix}_gzip_bytes"] = float(len(collector.render(True, True)))

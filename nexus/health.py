@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 
 from nexus.config import HealthCheckConfig
 from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend, BackendRegistry
@@ -53,7 +56,8 @@ class HealthPoller:
     """Probes every backend, updates the registry, records probe latency.
 
     ``http`` is a treq ``HTTPClient`` (the shared pool's, or ``StubTreq`` in
-    tests); ``clock`` measures latency and bounds each probe.
+    tests); ``clock`` measures latency and bounds each probe; ``wall_clock``
+    (seconds since the epoch) stamps each backend's ``last_check``.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class HealthPoller:
         clock: IReactorTime,
         record_latency: Callable[[str, float], None] | None = None,
         environ: Mapping[str, str] = os.environ,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.config = config
@@ -71,19 +76,27 @@ class HealthPoller:
         self.clock = clock
         self.record_latency = record_latency
         self.environ = environ
+        self.wall_clock = wall_clock
 
     def check_all(self) -> Deferred[None]:
-        """Probe every backend concurrently; fires when all are done."""
+        """Probe every current backend concurrently; fires when all are done."""
         probes = [ensureDeferred(self.check(b)) for b in self.registry.backends]
         return DeferredList(probes, consumeErrors=True).addCallback(lambda _: None)
 
     async def check(self, backend: Backend) -> None:
-        """Probe one backend and apply the result to its status."""
+        """Probe one backend and apply the result to its status.
+
+        ``last_check`` becomes the time the probe started, set together with the
+        outcome (status, ``last_error``), so the three always describe one check.
+        """
+        started = self.wall_clock()
         try:
             models = await self._probe(backend)
         except Exception as e:  # every failure counts against this backend only
-            self._failed(backend, _describe(e))
+            backend.last_check = started
+            self._failed(backend, _describe(e, self.config.timeout_seconds))
         else:
+            backend.last_check = started
             self._succeeded(backend, models)
 
     async def _get_json(self, backend: Backend, path: str) -> Any:
@@ -127,7 +140,6 @@ class HealthPoller:
     def _succeeded(self, backend: Backend, models: list[str] | None) -> None:
         backend.consecutive_failures = 0
         backend.consecutive_successes += 1
-        backend.last_error = None
         if models is not None:
             self.registry.set_models(backend, models)
         if backend.status == UNKNOWN or (
@@ -137,6 +149,9 @@ class HealthPoller:
             if backend.status != UNKNOWN:
                 log.info("backend {backend} is healthy again", backend=backend.name)
             backend.status = HEALTHY
+        if backend.status == HEALTHY:
+            # Not before: while it recovers, the operator still sees why it went down.
+            backend.last_error = None
 
     def _failed(self, backend: Backend, why: str) -> None:
         backend.consecutive_successes = 0
@@ -150,9 +165,15 @@ class HealthPoller:
             backend.status = UNHEALTHY
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException, timeout: float) -> str:
+    """One line saying why a probe failed (``last_error``, the log)."""
     if isinstance(e, ProbeFailed):
         return str(e)
+    if isinstance(e, (ResponseFailed, RequestTransmissionFailed)) and e.reasons:
+        e = e.reasons[0].value  # the cause, not the client's wrapper around it
+    if isinstance(e, (CancelledError, ConnectingCancelledError)):
+        # treq's timeout cancels the request.
+        return f"no answer within {timeout:g} s"
     name = type(e).__name__
     return f"{name}: {e}" if str(e) else name
 

@@ -2,28 +2,57 @@
 
 The registry is the one live view of the fleet. The health poller writes
 status and model lists into it, the request path counts in-flight attempts
-and latencies, and the router and the metrics read it.
+and latencies, and the router and the metrics read it. The fleet can grow and
+shrink while the gateway runs (:meth:`BackendRegistry.add`, :meth:`remove`).
+
+It is also the one place that says which models are *available*: listed by at
+least one healthy backend now (:meth:`BackendRegistry.available_models` and its
+cheaper relatives), and which aliases lead to one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 
 import attrs
 
-from nexus.config import BackendConfig, Config
+from nexus.config import MAX_ALIAS_HOPS, BackendConfig, Config
 
 UNKNOWN = "unknown"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 
+#: ``source`` of a backend from the configuration file.
+SOURCE_CONFIG = "config"
+#: ``source`` of a backend found by mDNS / DNS-SD discovery.
+SOURCE_MDNS = "mdns"
+SOURCES = frozenset({SOURCE_CONFIG, SOURCE_MDNS})
+
 #: Weight of the newest sample in a backend's latency moving average.
 LATENCY_EMA_ALPHA = 0.2
 
 
+def format_timestamp(seconds: float | None) -> str | None:
+    """A wall-clock time (seconds since the epoch) as RFC 3339 UTC, e.g. ``last_check``.
+
+    Millisecond precision, ``Z`` suffix; None stays None.
+    """
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 @attrs.define(eq=False)
 class Backend:
-    """Live state of one backend; identity is its ``name``."""
+    """Live state of one backend; identity is its ``name``.
+
+    ``source`` says where it came from (``config`` or ``mdns``). ``last_check``
+    is the wall-clock time (epoch seconds) at which the last finished health
+    check started, success or failure, None before the first; ``last_error``
+    is the last failed check's cause, None once the backend is healthy again.
+    """
 
     config: BackendConfig
     status: str = UNKNOWN
@@ -33,6 +62,8 @@ class Backend:
     pending: int = 0
     avg_latency_ms: float | None = None
     last_error: str | None = None
+    source: str = SOURCE_CONFIG
+    last_check: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if not self.models:
@@ -42,6 +73,11 @@ class Backend:
     def name(self) -> str:
         """The backend id used everywhere (labels, headers, stats)."""
         return self.config.name
+
+    @property
+    def type(self) -> str:
+        """The backend type (``ollama``, ``vllm``, ...), as configured or discovered."""
+        return self.config.type
 
     @property
     def priority(self) -> int:
@@ -72,11 +108,12 @@ class Backend:
 
 
 class BackendRegistry:
-    """All configured backends plus the model names the gateway knows.
+    """All current backends plus the model names the gateway knows.
 
-    ``by_model`` indexes backends (healthy or not) by the models they list; it
-    is rebuilt whenever a model list changes, so the router never scans the
-    whole fleet.
+    ``backends`` is a tuple sorted by id, replaced (never mutated) when the
+    fleet changes. ``by_model`` indexes backends (healthy or not) by the models
+    they list; it is rebuilt whenever a model list or the fleet changes, so the
+    router never scans the whole fleet.
     """
 
     def __init__(
@@ -109,6 +146,39 @@ class BackendRegistry:
         """The backend with id ``name`` (KeyError if none)."""
         return self._by_name[name]
 
+    def __contains__(self, name: object) -> bool:
+        """Whether a backend with id ``name`` is registered now."""
+        return name in self._by_name
+
+    # -- the fleet -------------------------------------------------------------
+
+    def add(self, config: BackendConfig, source: str = SOURCE_CONFIG) -> Backend:
+        """Register a new backend (status ``unknown``) and return it.
+
+        ValueError if a backend with the same name is registered, or ``source``
+        is not ``config`` or ``mdns``.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"unknown backend source {source!r}")
+        if config.name in self._by_name:
+            raise ValueError(f"a backend named {config.name!r} is already registered")
+        backend = Backend(config=config, source=source)
+        self._by_name[backend.name] = backend
+        self.backends = tuple(sorted(self._by_name.values(), key=lambda b: b.name))
+        self.reindex()
+        return backend
+
+    def remove(self, name: str) -> Backend:
+        """Unregister the backend with id ``name`` and return it (KeyError if none).
+
+        Requests already sent to it finish normally; it is no longer routed to,
+        checked, or listed. Its recorded metrics are kept (counters are history).
+        """
+        backend = self._by_name.pop(name)
+        self.backends = tuple(b for b in self.backends if b is not backend)
+        self.reindex()
+        return backend
+
     def reindex(self) -> None:
         """Recompute ``by_model`` and ``known_models`` after a model list changed."""
         index: dict[str, list[Backend]] = {}
@@ -123,20 +193,9 @@ class BackendRegistry:
         new = frozenset(models) | frozenset(backend.config.models)
         if new != backend.models:
             backend.models = new
-            self.reindex()
-
-    def is_known_model(self, name: str) -> bool:
-        """Whether any backend, alias or fallback names ``name``."""
-        return name in self.known_models
-
-    def available_models(self) -> dict[str, list[str]]:
-        """Model id -> ids of healthy backends serving it, for models served now."""
-        out: dict[str, list[str]] = {}
-        for model, backends in self.by_model.items():
-            ids = [b.name for b in backends if b.healthy]
-            if ids:
-                out[model] = ids
-        return out
+            # A probe may finish after its backend was removed: no index to fix then.
+            if self._by_name.get(backend.name) is backend:
+                self.reindex()
 
     def counts(self) -> dict[str, int]:
         """How many backends are in each status, plus ``total``."""
@@ -144,3 +203,60 @@ class BackendRegistry:
         for backend in self.backends:
             counts[backend.status] += 1
         return counts
+
+    # -- models ----------------------------------------------------------------
+
+    def is_known_model(self, name: str) -> bool:
+        """Whether any backend, alias or fallback names ``name``."""
+        return name in self.known_models
+
+    def is_available(self, model: str) -> bool:
+        """Whether a healthy backend lists ``model`` now (the definition of *available*)."""
+        return any(b.healthy for b in self.by_model.get(model, ()))
+
+    def available_model_names(self) -> list[str]:
+        """Models available now (see :meth:`is_available`), unsorted.
+
+        The names of :meth:`available_models` without building the per-model
+        backend lists: what the ``/metrics`` scrape and ``/v1/stats`` use.
+        """
+        return [m for m, backends in self.by_model.items() if any(b.healthy for b in backends)]
+
+    def available_models(self) -> dict[str, list[str]]:
+        """Model id -> ids of the healthy backends serving it, for every available model."""
+        out: dict[str, list[str]] = {}
+        for model, backends in self.by_model.items():
+            ids = [b.name for b in backends if b.healthy]
+            if ids:
+                out[model] = ids
+        return out
+
+    def resolve_alias(self, model: str) -> str:
+        """Follow ``model`` through the aliases, at most ``MAX_ALIAS_HOPS`` hops.
+
+        A name that is available stops the walk: a real model wins over an alias
+        of the same name. Cycles cannot loop (the hops are bounded).
+        """
+        aliases = self.aliases
+        name = model
+        for _ in range(MAX_ALIAS_HOPS):
+            target = aliases.get(name)
+            if target is None or self.is_available(name):
+                break
+            name = target
+        return name
+
+    def available_aliases(self) -> dict[str, str]:
+        """Alias -> the model it resolves to, for aliases whose target is available.
+
+        An alias that is itself an available model's name is not listed (the
+        model wins, see :meth:`resolve_alias`).
+        """
+        out: dict[str, str] = {}
+        for alias in self.aliases:
+            if self.is_available(alias):
+                continue
+            target = self.resolve_alias(alias)
+            if self.is_available(target):
+                out[alias] = target
+        return out

@@ -15,7 +15,7 @@ from operator import attrgetter
 
 import attrs
 
-from nexus.config import MAX_ALIAS_HOPS, STRATEGIES, RoutingConfig, Weights
+from nexus.config import STRATEGIES, RoutingConfig, Weights
 from nexus.errors import InvalidRequest, ModelNotFound, NoHealthyBackend
 from nexus.registry import Backend, BackendRegistry
 
@@ -84,24 +84,14 @@ def _has_image(messages: list[object]) -> bool:
     return False
 
 
-def _served_by_healthy(registry: BackendRegistry, model: str) -> bool:
-    return any(b.healthy for b in registry.by_model.get(model, ()))
-
-
 def resolve_alias(model: str, registry: BackendRegistry) -> str:
     """Follow ``model`` through the aliases, at most ``MAX_ALIAS_HOPS`` hops.
 
     A name that a healthy backend serves directly stops the walk: a real model
     wins over an alias of the same name. Cycles cannot loop (the hops are bounded).
+    The registry decides (:meth:`BackendRegistry.resolve_alias`).
     """
-    aliases = registry.aliases
-    name = model
-    for _ in range(MAX_ALIAS_HOPS):
-        target = aliases.get(name)
-        if target is None or _served_by_healthy(registry, name):
-            break
-        name = target
-    return name
+    return registry.resolve_alias(model)
 
 
 def score(backend: Backend, weights: Weights) -> float:
@@ -291,9 +281,7 @@ class Router:
 
     def _not_found_message(self, model: str) -> str:
         registry = self.registry
-        available = set(registry.available_models())
-        available.update(a for a in registry.aliases if resolve_alias(a, registry) in available)
-        names = sorted(available)
+        names = sorted({*registry.available_model_names(), *registry.available_aliases()})
         if not names:
             return f"The model '{_show(model)}' does not exist; no models are available right now"
         listed = ", ".join(names[:MAX_LISTED_MODELS])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from treq.testing import StubTreq
@@ -12,7 +14,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from nexus.config import BackendConfig, HealthCheckConfig
 from nexus.health import HealthPoller
-from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, BackendRegistry
+from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, BackendRegistry, format_timestamp
 
 
 class Fleet(Resource):
@@ -26,6 +28,8 @@ class Fleet(Resource):
         self.models: dict[str, list[str]] = {}
         self.paths: list[tuple[str, bytes]] = []
         self.auth: dict[str, bytes | None] = {}
+        #: Requests answered later by the test ("hold").
+        self.held: list[Any] = []
 
     def render_GET(self, request: Any) -> Any:
         host = request.getRequestHostname().decode()
@@ -33,6 +37,9 @@ class Fleet(Resource):
         self.auth[host] = request.getHeader(b"authorization")
         how = self.behaviour.get(host, "ok")
         if how == "hang":
+            return NOT_DONE_YET
+        if how == "hold":
+            self.held.append(request)
             return NOT_DONE_YET
         if how == "fail":
             request.setResponseCode(500)
@@ -48,7 +55,10 @@ class Fleet(Resource):
 
 
 def make(
-    *backends: BackendConfig, environ: dict[str, str] | None = None, **health: Any
+    *backends: BackendConfig,
+    environ: dict[str, str] | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    **health: Any,
 ) -> tuple[HealthPoller, BackendRegistry, Fleet, Clock, list[tuple[str, float]]]:
     fleet = Fleet()
     registry = BackendRegistry(backends)
@@ -62,6 +72,7 @@ def make(
         clock,
         lambda b, s: latencies.append((b, s)),
         environ=environ or {},
+        wall_clock=wall_clock,
     )
     return poller, registry, fleet, clock, latencies
 
@@ -155,3 +166,79 @@ def test_backend_key_is_sent_on_probes() -> None:
     )
     run_round(poller, clock)
     assert fleet.auth["a.test"] == b"Bearer secret"
+
+
+def test_last_check_and_last_error_describe_the_last_attempt() -> None:
+    wall = Clock()
+    wall.advance(1_700_000_000.0)
+    poller, registry, fleet, clock, _ = make(
+        BackendConfig(name="a", url="http://a.test"),
+        wall_clock=wall.seconds,
+        failure_threshold=2,
+        recovery_threshold=2,
+    )
+    a = registry.get("a")
+    assert (a.last_check, a.last_error) == (None, None)
+    steps = [  # (probe answer, status, last_error) after each round, 30 s apart
+        ("ok", HEALTHY, None),
+        ("fail", HEALTHY, "GET /v1/models answered 500"),  # below the threshold
+        ("fail", UNHEALTHY, "GET /v1/models answered 500"),
+        ("ok", UNHEALTHY, "GET /v1/models answered 500"),  # recovering: the cause stays
+        ("ok", HEALTHY, None),
+    ]
+    for i, (answer, status, error) in enumerate(steps):
+        fleet.behaviour["a.test"] = answer
+        run_round(poller, clock)
+        assert (a.status, a.last_error, a.last_check) == (
+            status,
+            error,
+            1_700_000_000.0 + 30 * i,
+        ), i
+        wall.advance(30)
+    assert format_timestamp(a.last_check) == "2023-11-14T22:15:20.000Z"
+
+
+def test_last_check_is_when_a_hung_probe_started_once_it_gave_up() -> None:
+    wall = Clock()
+    wall.advance(1_700_000_000.0)
+    poller, registry, fleet, clock, _ = make(
+        BackendConfig(name="hung", url="http://hung.test"), wall_clock=wall.seconds
+    )
+    fleet.behaviour["hung.test"] = "hang"
+    run_round(poller, clock)
+    hung = registry.get("hung")
+    wall.advance(5)
+    assert hung.last_check is None  # still in flight: nothing to report yet
+    clock.advance(5.1)
+    assert hung.status == UNHEALTHY
+    assert hung.last_check == 1_700_000_000.0
+    assert hung.last_error == "no answer within 5 s"
+
+
+def test_rounds_follow_the_fleet_as_it_changes() -> None:
+    poller, registry, fleet, clock, _ = make(BackendConfig(name="a", url="http://a.test"))
+    added = registry.add(BackendConfig(name="b", url="http://b.test", type="ollama"))
+    fleet.models["b.test"] = ["llama3:8b"]
+    run_round(poller, clock)
+    assert added.status == HEALTHY and registry.by_model["llama3:8b"] == (added,)
+    registry.remove("a")
+    fleet.paths.clear()
+    run_round(poller, clock)
+    assert fleet.paths == [("b.test", b"/api/tags")]
+
+
+def test_a_probe_finishing_after_its_backend_was_removed_changes_nothing() -> None:
+    poller, registry, fleet, clock, _ = make(
+        BackendConfig(name="a", url="http://a.test"), BackendConfig(name="b", url="http://b.test")
+    )
+    fleet.behaviour["a.test"] = "hold"
+    done = run_round(poller, clock)
+    assert len(fleet.held) == 1 and done == []
+    registry.remove("a")
+    request = fleet.held.pop()
+    request.write(json.dumps({"data": [{"id": "ghost"}]}).encode())
+    request.finish()
+    poller.http.flush()
+    assert done == [None]
+    assert "ghost" not in registry.by_model and not registry.is_known_model("ghost")
+    assert [b.name for b in registry.backends] == ["b"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from functools import partial
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,10 +15,13 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
+import nexus
 from nexus.config import BackendConfig
 from nexus.metrics import MetricsCollector
 from nexus.metrics.families import FAMILIES
 from nexus.registry import HEALTHY, BackendRegistry
+from nexus.tracking import RequestRecord
+from tests.prometheus_bridge import prometheus_registry
 from tests.test_metrics_support import (
     DURATION_BOUNDS,
     Samples,
@@ -27,6 +31,7 @@ from tests.test_metrics_support import (
     label_values,
     make_collector,
     parse_text,
+    record_request,
     record_scenario,
     samples_of,
 )
@@ -46,14 +51,14 @@ def scenario() -> MetricsCollector:
 def test_every_sample_equals_what_was_recorded(scenario: MetricsCollector) -> None:
     expected = expected_scenario()
     assert parse_text(scenario.render()) == _approx(expected)
-    registry = scenario.prometheus_registry
+    registry = prometheus_registry(scenario)
     for (name, labels), value in expected.items():
         assert registry.get_sample_value(name, dict(labels)) == pytest.approx(value), name
 
 
 def test_our_text_parses_like_generate_latest(scenario: MetricsCollector) -> None:
     ours = list(parse_prometheus(scenario.render().decode()))
-    theirs = list(parse_prometheus(generate_latest(scenario.prometheus_registry).decode()))
+    theirs = list(parse_prometheus(generate_latest(prometheus_registry(scenario)).decode()))
     assert [(f.name, f.type, f.documentation) for f in ours] == [
         (f.name, f.type, f.documentation) for f in theirs
     ]
@@ -69,9 +74,21 @@ def test_every_family_has_help_and_type_even_when_empty() -> None:
         assert f"# HELP {family.name} " in text
         assert f"# TYPE {family.name} {family.type}\n" in text
     families = {f.name: f for f in parse_prometheus(text)}
-    assert len(families) == 11
+    assert len(families) == 12
     assert families["nexus_requests"].samples == []
     assert families["nexus_pending_requests"].samples  # gauges are always there
+    assert families["nexus_build_info"].samples  # and so is the version
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_build_info_names_the_running_version(openmetrics: bool) -> None:
+    collector, _ = make_collector()
+    body = collector.render(openmetrics=openmetrics).decode()
+    assert "# TYPE nexus_build_info gauge\n" in body
+    parse = parse_openmetrics if openmetrics else parse_prometheus
+    samples = samples_of(parse(body))
+    assert samples[key("nexus_build_info", version=nexus.__version__)] == 1
+    assert [name for name, _ in samples if name == "nexus_build_info"] == ["nexus_build_info"]
 
 
 def test_families_types_labels_and_buckets_match_the_contract(scenario: MetricsCollector) -> None:
@@ -88,6 +105,7 @@ def test_families_types_labels_and_buckets_match_the_contract(scenario: MetricsC
         "nexus_models_available": "gauge",
         "nexus_pending_requests": "gauge",
         "nexus_time_to_first_token_seconds": "histogram",
+        "nexus_build_info": "gauge",
     }
     for name, kind in types.items():
         assert f"# TYPE {name} {kind}\n" in text
@@ -107,7 +125,7 @@ def test_openmetrics_parses_with_the_same_samples(scenario: MetricsCollector) ->
     assert "# TYPE nexus_tokens_total histogram\n" in body
     assert "# TYPE nexus_backends_total gauge\n" in body
     ours = list(parse_openmetrics(body))
-    baseline = om_exposition.generate_latest(scenario.prometheus_registry).decode()
+    baseline = om_exposition.generate_latest(prometheus_registry(scenario)).decode()
     theirs = list(parse_openmetrics(baseline))
     assert [(f.name, f.type) for f in ours] == [(f.name, f.type) for f in theirs]
     assert samples_of(ours) == samples_of(theirs)
@@ -126,7 +144,7 @@ def test_gzip_round_trip_is_one_valid_gzip_member(
     assert inflater.decompress(packed) == plain
     assert inflater.eof and not inflater.unused_data
     # Cached segments stay right after more traffic.
-    scenario.record_request("mistral:7b", "gpu-a", 200, 0.5)
+    record_request(scenario, "mistral:7b", "gpu-a", 200, 0.5)
     assert gzip.decompress(scenario.render(openmetrics=openmetrics, gzip=True)) == (
         scenario.render(openmetrics=openmetrics)
     )
@@ -136,7 +154,7 @@ def test_render_after_more_traffic_shows_new_values_and_keeps_the_rest(
     scenario: MetricsCollector,
 ) -> None:
     first = scenario.render().decode().splitlines()
-    scenario.record_request("llama3:70b", "gpu-b", 200, 0.2)
+    record_request(scenario, "llama3:70b", "gpu-b", 200, 0.2)
     scenario.registry.get("gpu-b").pending = 7  # gauges are read at scrape time
     second = scenario.render().decode().splitlines()
     changed = {line for line in second if line not in first}
@@ -154,7 +172,7 @@ def test_render_after_more_traffic_shows_new_values_and_keeps_the_rest(
     ]
     assert scenario.render().decode().splitlines() == second
     samples = parse_text(scenario.render())
-    assert samples == parse_text(generate_latest(scenario.prometheus_registry))
+    assert samples == parse_text(generate_latest(prometheus_registry(scenario)))
 
 
 def _big_fleet(backends: int, models: int) -> BackendRegistry:
@@ -174,19 +192,19 @@ def test_caches_stay_right_across_chunks_and_new_series() -> None:
     collector = MetricsCollector(_big_fleet(20, 10))
     for i in range(0, 20, 2):  # every other backend, so later ones land in between
         for m in range(10):
-            collector.record_request(f"m{m}", f"b{i:02d}", 200, 0.01 * (i + m))
+            record_request(collector, f"m{m}", f"b{i:02d}", 200, 0.01 * (i + m))
     collector.render()
     for i in range(1, 20, 2):
-        collector.record_request("m3", f"b{i:02d}", 200, 2.0, prompt_tokens=5)
-    collector.record_request("m9", "b18", 500, 1.0, error_type="backend_error")
+        record_request(collector, "m3", f"b{i:02d}", 200, 2.0, prompt_tokens=5)
+    record_request(collector, "m9", "b18", 500, 1.0, error_type="backend_error")
     for openmetrics in (False, True):
         assert parse_text(collector.render()) == parse_text(
-            generate_latest(collector.prometheus_registry)
+            generate_latest(prometheus_registry(collector))
         )
         assert gzip.decompress(collector.render(openmetrics, gzip=True)) == collector.render(
             openmetrics
         )
-    assert collector.prometheus_registry.get_sample_value(
+    assert prometheus_registry(collector).get_sample_value(
         "nexus_requests_total", {"model": "m9", "backend": "b18", "status": "500"}
     ) == 1
 
@@ -202,13 +220,13 @@ def test_colliding_names_merge_into_one_series() -> None:
         backend.status = HEALTHY
         backend.pending = 2
     collector = MetricsCollector(registry)
-    collector.record_request("llama3:70b", "gpu-a", 200, 0.2, prompt_tokens=10)
-    collector.record_request("llama3.70b", "gpu.a", 200, 0.4, time_to_first_token=0.1)
-    collector.record_request("llama3.70b", "gpu-a", 504, 0.3, error_type="timeout")
-    collector.record_request("llama3:70b", "gpu.a", 504, 0.3, error_type="timeout")
+    record_request(collector, "llama3:70b", "gpu-a", 200, 0.2, prompt_tokens=10)
+    record_request(collector, "llama3.70b", "gpu.a", 200, 0.4, time_to_first_token=0.1)
+    record_request(collector, "llama3.70b", "gpu-a", 504, 0.3, error_type="timeout")
+    record_request(collector, "llama3:70b", "gpu.a", 504, 0.3, error_type="timeout")
     collector.record_health_check("gpu-a", 0.1)
     collector.record_health_check("gpu.a", 0.2)
-    for body in (collector.render(), generate_latest(collector.prometheus_registry)):
+    for body in (collector.render(), generate_latest(prometheus_registry(collector))):
         samples = parse_text(body)  # fails on duplicate series
         pair = {"model": "llama3_70b", "backend": "gpu_a"}
         assert samples[key("nexus_requests_total", **pair, status="200")] == 2
@@ -228,23 +246,23 @@ def test_colliding_names_merge_into_one_series() -> None:
 
 def test_models_the_gateway_does_not_know_are_unknown() -> None:
     collector, _ = make_collector()
-    collector.record_request("gpt-4", "gpu-a", 200, 0.1)  # an alias is known
-    collector.record_request("mistral:7b", "gpu-a", 200, 0.1, fallback_from=None, fallback_to="x")
-    collector.record_request("no-such-model", None, 404, 0.1, error_type="no_backend")
+    record_request(collector, "gpt-4", "gpu-a", 200, 0.1)  # an alias is known
+    record_request(collector, "mistral:7b", "gpu-a", 200, 0.1, fallback_from=None, fallback_to="x")
+    record_request(collector, "no-such-model", None, 404, 0.1, error_type="no_backend")
     assert label_values(collector, "model") == {"gpt_4", "mistral_7b", "unknown"}
     fallback = {"from_model": "mistral_7b", "to_model": "unknown"}
-    assert collector.prometheus_registry.get_sample_value("nexus_fallbacks_total", fallback) == 1
+    assert prometheus_registry(collector).get_sample_value("nexus_fallbacks_total", fallback) == 1
 
 
 def test_models_appearing_and_disappearing_move_between_series() -> None:
     collector, _ = make_collector()
-    collector.record_request("phi3", "gpu-a", 200, 0.1)
+    record_request(collector, "phi3", "gpu-a", 200, 0.1)
     registry = collector.registry
     registry.set_models(registry.get("gpu-a"), ["phi3"])  # discovered by a health check
-    collector.record_request("phi3", "gpu-a", 200, 0.1)
-    collector.record_request("phi3", "gpu-a", 200, 0.1)
+    record_request(collector, "phi3", "gpu-a", 200, 0.1)
+    record_request(collector, "phi3", "gpu-a", 200, 0.1)
     registry.set_models(registry.get("gpu-a"), [])  # gone again
-    collector.record_request("phi3", "gpu-a", 200, 0.1)
+    record_request(collector, "phi3", "gpu-a", 200, 0.1)
     samples = parse_text(collector.render())
     assert samples[key("nexus_requests_total", model="unknown", backend="gpu_a", status="200")] == 2
     assert samples[key("nexus_requests_total", model="phi3", backend="gpu_a", status="200")] == 2
@@ -252,7 +270,7 @@ def test_models_appearing_and_disappearing_move_between_series() -> None:
 
 def test_odd_input_never_raises_and_is_clamped_or_ignored() -> None:
     collector, _ = make_collector()
-    record = collector.record_request
+    record = partial(record_request, collector)
     record("mistral:7b", "gpu-a", 200, -5.0)
     record("mistral:7b", "gpu-a", 200, math.nan)
     record("mistral:7b", "gpu-a", 200, math.inf)
@@ -267,8 +285,8 @@ def test_odd_input_never_raises_and_is_clamped_or_ignored() -> None:
     collector.record_health_check("gpu-a", -3.0)
     collector.record_health_check(None, 0.1)  # type: ignore[arg-type]
     samples = parse_text(collector.render())
-    assert samples == parse_text(generate_latest(collector.prometheus_registry))
-    value = collector.prometheus_registry.get_sample_value
+    assert samples == parse_text(generate_latest(prometheus_registry(collector)))
+    value = prometheus_registry(collector).get_sample_value
     labels = {"model": "mistral_7b", "backend": "gpu_a"}
     assert value("nexus_request_duration_seconds_count", labels) == 10
     assert value("nexus_request_duration_seconds_bucket", {**labels, "le": "0.1"}) == 9
@@ -291,7 +309,7 @@ def test_histogram_bounds_are_inclusive() -> None:
     expected: Samples = {}
     observations = [0.1, 0.25, 1.0, 300.0, 300.5]
     for seconds in observations:
-        collector.record_request("mistral:7b", "gpu-a", 200, seconds)
+        record_request(collector, "mistral:7b", "gpu-a", 200, seconds)
     add_histogram(
         expected,
         "nexus_request_duration_seconds",
@@ -302,3 +320,52 @@ def test_histogram_bounds_are_inclusive() -> None:
     samples = parse_text(collector.render())
     for series, value in expected.items():
         assert samples[series] == pytest.approx(value), series
+
+
+def test_the_fleet_changing_keeps_history_and_moves_the_gauges() -> None:
+    collector, _ = make_collector()
+    record_scenario(collector)
+    registry = collector.registry
+    registry.remove("gpu-b")
+    box = registry.add(
+        BackendConfig(name="box", url="http://127.0.0.1:9", type="ollama", models=("phi3",)),
+        source="mdns",
+    )
+    box.status, box.pending = HEALTHY, 4
+    record_request(collector, "phi3", "box", 200, 0.3)
+    samples = parse_text(collector.render())
+    assert samples == parse_text(generate_latest(prometheus_registry(collector)))
+    # Counters are history: the removed backend's series stay.
+    gone = {"model": "llama3_70b", "backend": "gpu_b"}
+    assert samples[key("nexus_requests_total", **gone, status="502")] == 1
+    assert samples[key("nexus_requests_total", **gone, status="200")] == 1
+    assert samples[key("nexus_requests_total", model="phi3", backend="box", status="200")] == 1
+    # The fleet gauges describe the fleet as it is now.
+    assert samples[key("nexus_backends_total")] == 3
+    assert samples[key("nexus_backends_healthy")] == 2
+    assert samples[key("nexus_models_available")] == 3  # llama3:70b, mistral:7b, phi3
+    pending = {
+        dict(labels)["backend"]: value
+        for (name, labels), value in samples.items()
+        if name == "nexus_pending_requests"
+    }
+    assert pending == {"box": 4, "cpu_c": 1, "gpu_a": 2}
+
+
+def test_a_record_finished_by_the_server_layer_is_recorded_as_it_is() -> None:
+    collector, clock = make_collector()
+    record = RequestRecord(started=clock.seconds(), model="mistral:7b")
+    record.backend = "gpu-a"
+    record.time_to_first_token = 0.2
+    record.set_usage(12, 34)
+    clock.advance(1.5)
+    assert record.finish(200, clock.seconds())
+    collector.record_request(record)
+    value = prometheus_registry(collector).get_sample_value
+    labels = {"model": "mistral_7b", "backend": "gpu_a"}
+    assert value("nexus_requests_total", {**labels, "status": "200"}) == 1
+    assert value("nexus_request_duration_seconds_sum", labels) == 1.5
+    assert value("nexus_time_to_first_token_seconds_sum", labels) == 0.2
+    assert value("nexus_tokens_total_sum", {**labels, "type": "prompt"}) == 12
+    assert value("nexus_tokens_total_sum", {**labels, "type": "completion"}) == 34
+    assert value("nexus_errors_total", {"error_type": "other", "model": "mistral_7b"}) is None

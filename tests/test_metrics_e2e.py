@@ -35,7 +35,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from nexus.config import RoutingConfig
 from nexus.metrics import sanitize_label
-from nexus.mock import MockBackend, MockSettings
+from nexus.testing import MockBackend, MockSettings
+from tests.prometheus_bridge import prometheus_registry
 from tests.support import Cleanup, RunningGateway, start_gateway, start_mock, wait_for
 from tests.test_metrics_support import validate_stats
 
@@ -60,10 +61,10 @@ def _key(name: str, labels: dict[str, str]) -> Key:
 
 
 def registry_samples(gw: RunningGateway) -> dict[Key, float]:
-    """Every sample of the gateway's own prometheus_client registry."""
+    """Every sample of a prometheus_client registry over the gateway's collector."""
     return {
         _key(s.name, s.labels): s.value
-        for family in gw.gateway.collector.prometheus_registry.collect()
+        for family in prometheus_registry(gw.gateway.collector).collect()
         for s in family.samples
     }
 
@@ -396,6 +397,10 @@ async def test_scripted_mix_is_counted_exactly_everywhere(cleanup: list[Any]) ->
         assert row["pending"] == 0
         assert_mean_ms(row["average_latency_ms"], durations_sum_by_backend[label], served)
     assert "none" not in {row["id"] for row in document["backends"]}
+    assert {row["source"] for row in document["backends"]} == {"config"}
+    down = next(row for row in document["backends"] if row["id"] == "down")
+    # Never discovered (it failed its check): it lists its configured models.
+    assert (down["status"], down["models"]) == ("unhealthy", ["big", "gone"])
     models = {row["name"]: row for row in document["models"]}
     assert {name: row["requests"] for name, row in models.items()} == EXPECTED_MODEL_REQUESTS
     for name, row in models.items():

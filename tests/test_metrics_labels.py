@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus.metrics import sanitize_label
-from tests.test_metrics_support import label_values, make_collector
+from tests.test_metrics_support import label_values, make_collector, record_request
 
 VALID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 KNOWN_MODELS = {"llama3:70b", "mistral:7b", "gpt-4"}
@@ -58,11 +58,11 @@ def test_sanitizing_keeps_length_apart_from_the_digit_prefix(raw: str) -> None:
 )
 def test_random_model_names_never_add_series(names: list[str | None], backend: str | None) -> None:
     collector, _ = make_collector()
-    collector.record_request("llama3:70b", "gpu-a", 200, 0.1)
+    record_request(collector, "llama3:70b", "gpu-a", 200, 0.1)
     for name in names:
-        collector.record_request(name, backend, 404, 0.01, error_type="no_backend")
-        collector.record_request(
-            "llama3:70b", backend, 200, 0.1, fallback_from=name, fallback_to=name
+        record_request(collector, name, backend, 404, 0.01, error_type="no_backend")
+        record_request(
+            collector, "llama3:70b", backend, 200, 0.1, fallback_from=name, fallback_to=name
         )
     assert label_values(collector, "model") <= {"llama3_70b", "unknown"}
     assert label_values(collector, "from_model") <= {"llama3_70b", "unknown"}

@@ -28,6 +28,7 @@ from tests.test_metrics_support import (
     expected_scenario,
     make_collector,
     parse_text,
+    record_request,
     record_scenario,
     samples_of,
     validate_stats,
@@ -240,7 +241,7 @@ async def test_a_real_site_on_localhost(collector: MetricsCollector) -> None:
         text = gzip.decompress(body).decode()
         assert samples_of(parse_openmetrics(text)) == pytest.approx(expected_scenario())
 
-        collector.record_request("mistral:7b", "gpu-a", 200, 0.5)
+        record_request(collector, "mistral:7b", "gpu-a", 200, 0.5)
         response = await client.get(f"{url}/metrics")
         samples = parse_text(await response.content())
         series = frozenset({"model": "mistral_7b", "backend": "gpu_a", "status": "200"}.items())

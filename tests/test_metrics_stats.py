@@ -6,10 +6,13 @@ import json
 
 import pytest
 
+from nexus.config import BackendConfig
 from nexus.metrics import MetricsCollector, sanitize_label
+from nexus.registry import HEALTHY, UNHEALTHY
 from tests.test_metrics_support import (
     make_collector,
     parse_text,
+    record_request,
     record_scenario,
     validate_stats,
 )
@@ -30,9 +33,36 @@ def test_stats_are_exactly_what_was_recorded(scenario: MetricsCollector) -> None
         "uptime_seconds": 42,
         "requests": {"total": 10, "success": 5, "errors": 5},
         "backends": [
-            {"id": "cpu.c", "requests": 0, "average_latency_ms": 0.0, "pending": 1},
-            {"id": "gpu-a", "requests": 6, "average_latency_ms": 8316.7, "pending": 2},
-            {"id": "gpu-b", "requests": 2, "average_latency_ms": 3750.0, "pending": 0},
+            {
+                "id": "cpu.c",
+                "requests": 0,
+                "average_latency_ms": 0.0,
+                "pending": 1,
+                "status": "unhealthy",
+                "type": "generic",
+                "source": "config",
+                "models": ["mistral:7b"],
+            },
+            {
+                "id": "gpu-a",
+                "requests": 6,
+                "average_latency_ms": 8316.7,
+                "pending": 2,
+                "status": "healthy",
+                "type": "generic",
+                "source": "config",
+                "models": ["llama3:70b", "mistral:7b"],
+            },
+            {
+                "id": "gpu-b",
+                "requests": 2,
+                "average_latency_ms": 3750.0,
+                "pending": 0,
+                "status": "healthy",
+                "type": "generic",
+                "source": "config",
+                "models": ["llama3:70b"],
+            },
         ],
         "models": [
             {"name": "llama3:70b", "requests": 5, "average_duration_ms": 2280.0},
@@ -60,7 +90,7 @@ def test_a_fresh_gateway_lists_every_backend_and_available_model() -> None:
 
 def test_models_sort_by_requests_then_name(scenario: MetricsCollector) -> None:
     for _ in range(3):
-        scenario.record_request("gpt-4", "gpu-a", 200, 1.0)
+        record_request(scenario, "gpt-4", "gpu-a", 200, 1.0)
     names = [(m.name, m.requests) for m in scenario.stats().models]
     assert names == [("llama3:70b", 5), ("gpt-4", 3), ("mistral:7b", 3), ("unknown", 2)]
 
@@ -110,3 +140,37 @@ def test_requests_with_no_backend_are_in_no_backend_row(scenario: MetricsCollect
     ids = [b.id for b in scenario.stats().backends]
     assert "none" not in ids
     assert sum(b.requests for b in scenario.stats().backends) == 8
+
+
+def test_backend_rows_follow_the_fleet_and_say_what_each_lists() -> None:
+    collector, _ = make_collector()
+    record_scenario(collector)
+    registry = collector.registry
+    registry.remove("gpu-b")
+    box = registry.add(
+        BackendConfig(name="box", url="http://127.0.0.1:9", type="ollama"), source="mdns"
+    )
+    gpu_a = registry.get("gpu-a")
+    registry.set_models(gpu_a, ["qwen2:7b"])  # discovered; the configured floor stays
+    gpu_a.status = UNHEALTHY  # what it lists stays listed
+    document = json.loads(collector.stats_json())
+    validate_stats(document)
+    rows = {row["id"]: row for row in document["backends"]}
+    assert list(rows) == ["box", "cpu.c", "gpu-a"]
+    assert rows["box"] == {
+        "id": "box",
+        "requests": 0,
+        "average_latency_ms": 0.0,
+        "pending": 0,
+        "status": "unknown",
+        "type": "ollama",
+        "source": "mdns",
+        "models": [],
+    }
+    assert rows["gpu-a"]["models"] == ["llama3:70b", "mistral:7b", "qwen2:7b"]
+    assert (rows["gpu-a"]["status"], rows["gpu-a"]["requests"]) == ("unhealthy", 6)
+    # The removed backend's requests are still counted, in no row.
+    assert document["requests"]["total"] == 10
+    assert sum(row["requests"] for row in document["backends"]) == 6
+    box.status = HEALTHY
+    assert json.loads(collector.stats_json())["backends"][0]["status"] == "healthy"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import jsonschema
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
+import nexus
 from nexus.config import BackendConfig
 from nexus.metrics import MetricsCollector
 from nexus.registry import HEALTHY, UNHEALTHY, BackendRegistry
+from nexus.tracking import RequestRecord
 
 # Contract section 5 (and the brief, for time to first token).
 DURATION_BOUNDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -36,6 +39,36 @@ def validate_stats(document: object) -> None:
     """Fail unless ``document`` is valid against the /v1/stats schema."""
     jsonschema.Draft7Validator.check_schema(STATS_SCHEMA)
     jsonschema.Draft7Validator(STATS_SCHEMA).validate(document)
+
+
+def finished(
+    model: str | None, backend: str | None, status: int, duration: float, **fields: Any
+) -> RequestRecord:
+    """A finished :class:`RequestRecord`, as the server layer hands it to the collector.
+
+    ``fields`` are the record's other attributes (``error_type``, ``prompt_tokens``...).
+    """
+    return RequestRecord(
+        started=0.0,
+        model=model,
+        backend=backend,
+        status=status,
+        duration=duration,
+        finished=True,
+        **fields,
+    )
+
+
+def record_request(
+    collector: MetricsCollector,
+    model: str | None,
+    backend: str | None,
+    status: int,
+    duration: float,
+    **fields: Any,
+) -> None:
+    """Record one finished request built by :func:`finished`."""
+    collector.record_request(finished(model, backend, status, duration, **fields))
 
 
 def make_registry() -> BackendRegistry:
@@ -68,7 +101,7 @@ def make_collector() -> tuple[MetricsCollector, Clock]:
 
 def record_scenario(collector: MetricsCollector) -> None:
     """Every kind of outcome the request path reports, plus health checks."""
-    record = collector.record_request
+    record = partial(record_request, collector)
     record("llama3:70b", "gpu-a", 200, 0.2, prompt_tokens=100, completion_tokens=50)
     record("llama3:70b", "gpu-a", 200, 0.7)
     record(None, None, 400, 0.001, error_type="invalid_request")  # body without a model
@@ -178,6 +211,7 @@ def expected_scenario() -> Samples:
     out[_key("nexus_models_available", {})] = 2
     for backend, n in {"gpu_a": 2, "gpu_b": 0, "cpu_c": 1}.items():
         out[_key("nexus_pending_requests", {"backend": backend})] = n
+    out[_key("nexus_build_info", {"version": nexus.__version__})] = 1
     return out
 
 

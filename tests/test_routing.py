@@ -11,11 +11,17 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nexus.config import CAPABILITIES, STRATEGIES, BackendConfig, RoutingConfig, Weights
+from nexus.config import (
+    CAPABILITIES,
+    MAX_ALIAS_HOPS,
+    STRATEGIES,
+    BackendConfig,
+    RoutingConfig,
+    Weights,
+)
 from nexus.errors import InvalidRequest, ModelNotFound, NoHealthyBackend
 from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend, BackendRegistry
 from nexus.routing import (
-    MAX_ALIAS_HOPS,
     MAX_LISTED_MODELS,
     RouteDecision,
     Router,
@@ -459,6 +465,22 @@ def test_random_uses_the_injected_rng() -> None:
     assert all(sorted(o) == [f"b{i}" for i in range(8)] for o in orders)
     assert len({o[0] for o in orders}) > 1
     assert first.decide("m").route_reason.startswith("random:b")
+
+
+def test_the_router_follows_the_fleet_as_it_changes() -> None:
+    registry = fleet(cfg("a", ["m"]))
+    r = router(registry, "priority_only")
+    added = registry.add(cfg("b", ["m", "n"], priority=10))
+    assert names(r.decide("m")) == ["a"]  # unknown until its first check
+    with pytest.raises(NoHealthyBackend):
+        r.decide("n")
+    added.status = HEALTHY
+    assert names(r.decide("m")) == ["b", "a"]
+    assert names(r.decide("n")) == ["b"]
+    registry.remove("b")
+    assert names(r.decide("m")) == ["a"]
+    with pytest.raises(ModelNotFound, match=r"Available models: m$"):
+        r.decide("n")  # nothing lists it any more
 
 
 def test_unknown_strategy_is_rejected() -> None:

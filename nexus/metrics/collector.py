@@ -10,11 +10,8 @@ import math
 import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import CollectorRegistry
-
-from nexus.metrics.bridge import PrometheusBridge
 from nexus.metrics.exposition import Renderer
 from nexus.metrics.families import (
     DURATION_BUCKETS,
@@ -29,6 +26,9 @@ from nexus.metrics.labels import NO_BACKEND, UNKNOWN_MODEL, sanitize_label
 from nexus.metrics.series import CountSeries, Group, HealthSeries, PairSeries, Series
 from nexus.metrics.stats import Stats, build_stats
 from nexus.registry import BackendRegistry
+
+if TYPE_CHECKING:
+    from nexus.tracking import RequestRecord
 
 _INF = math.inf
 _STATUS_LABELS: dict[object, str] = {code: str(code) for code in range(100, 600)}
@@ -62,9 +62,9 @@ def _tokens(value: object) -> int | None:
 class MetricsCollector:
     """Records what the gateway did and exposes it as ``/metrics`` and ``/v1/stats``.
 
-    ``prometheus_registry`` is a private ``CollectorRegistry`` whose one collector
-    reads the same series, for ``get_sample_value`` and ``generate_latest``; the
-    ``/metrics`` body comes from our own, much faster, renderer.
+    The series (``pairs``, ``errors``, ``fallbacks``, ``health``) are the one
+    source of truth; the ``/metrics`` body comes from :class:`Renderer`, the
+    ``/v1/stats`` document from :func:`build_stats`.
     """
 
     def __init__(
@@ -98,32 +98,23 @@ class MetricsCollector:
         self._lookup: dict[tuple[object, object], PairSeries] = {}
         self._known = registry.known_models
         self.renderer = Renderer(self)
-        self.prometheus_registry = CollectorRegistry(auto_describe=False)
-        self.prometheus_registry.register(PrometheusBridge(self))
 
     # -- recording -------------------------------------------------------------
 
-    def record_request(
-        self,
-        model: str | None,
-        backend: str | None,
-        status: int,
-        duration: float,
-        error_type: str | None = None,
-        fallback_from: str | None = None,
-        fallback_to: str | None = None,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        time_to_first_token: float | None = None,
-    ) -> None:
+    def record_request(self, record: RequestRecord) -> None:
         """Record one finished client request (the caller calls this exactly once).
 
-        ``model`` is the name the client asked for (None: no usable model); names the
-        gateway does not know are recorded as ``unknown``. ``backend`` None means no
-        backend was chosen (``none``). ``duration`` and ``time_to_first_token`` are
-        seconds. Odd values never raise: bad durations count as 0, bad token counts
-        are ignored, unknown error types count as ``other``.
+        ``record.model`` is the name the client asked for (None: no usable model);
+        names the gateway does not know are recorded as ``unknown``.
+        ``record.backend`` None means no backend was chosen (``none``).
+        ``duration`` and ``time_to_first_token`` are seconds. Odd values never
+        raise: bad durations count as 0, bad token counts are ignored, unknown
+        error types count as ``other``.
         """
+        model = record.model
+        backend = record.backend
+        status = record.status
+        duration = record.duration
         known = self.registry.known_models
         if known is not self._known:
             self._known = known
@@ -143,14 +134,17 @@ class MetricsCollector:
             duration = _seconds(duration)
         series.duration[bisect_left(DURATION_BUCKETS, duration)] += 1
         series.duration_sum += duration
-        if time_to_first_token is not None:
-            self._observe_ttft(series, time_to_first_token)
-        if prompt_tokens is not None and (n := _tokens(prompt_tokens)) is not None:
+        ttft = record.time_to_first_token
+        if ttft is not None:
+            self._observe_ttft(series, ttft)
+        prompt = record.prompt_tokens
+        if prompt is not None and (n := _tokens(prompt)) is not None:
             if series.prompt is None:
                 series.prompt = [0] * (len(TOKEN_BUCKETS) + 1)
             series.prompt[bisect_left(TOKEN_BUCKETS, n)] += 1
             series.prompt_sum += n
-        if completion_tokens is not None and (n := _tokens(completion_tokens)) is not None:
+        completion = record.completion_tokens
+        if completion is not None and (n := _tokens(completion)) is not None:
             if series.completion is None:
                 series.completion = [0] * (len(TOKEN_BUCKETS) + 1)
             series.completion[bisect_left(TOKEN_BUCKETS, n)] += 1
@@ -158,9 +152,12 @@ class MetricsCollector:
         if not series.dirty:
             series.dirty = True
             self.dirty.append(series)
+        error_type = record.error_type
         if error_type is not None:
             self._record_error(error_type, series.model)
+        fallback_to = record.fallback_to
         if fallback_to is not None:
+            fallback_from = record.fallback_from
             self._record_fallback(model if fallback_from is None else fallback_from, fallback_to)
 
     def record_health_check(self, backend: str, seconds: float) -> None:

@@ -30,10 +30,12 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, cast
 
+from nexus import __version__
 from nexus.metrics.families import (
     BACKEND_LATENCY,
     BACKENDS_HEALTHY,
     BACKENDS_TOTAL,
+    BUILD_INFO,
     ERRORS,
     FALLBACKS,
     FAMILIES,
@@ -46,13 +48,7 @@ from nexus.metrics.families import (
     Family,
 )
 from nexus.metrics.labels import sanitize_label
-from nexus.metrics.series import (
-    CountSeries,
-    Group,
-    HealthSeries,
-    PairSeries,
-    available_models,
-)
+from nexus.metrics.series import CountSeries, Group, HealthSeries, PairSeries
 
 if TYPE_CHECKING:
     from nexus.metrics.collector import MetricsCollector
@@ -127,6 +123,16 @@ def gzip_accepted(accept_encoding: str | None) -> bool:
 def _header(family: Family, openmetrics: bool) -> bytes:
     name = family.openmetrics_name if openmetrics else family.name
     return f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n".encode()
+
+
+def _label_value(value: str) -> str:
+    """A label value escaped for both text formats (backslash, quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _build_info(version: str) -> bytes:
+    """The ``nexus_build_info`` sample line: constant for the life of the process."""
+    return f'{BUILD_INFO.name}{{version="{_label_value(version)}"}} 1\n'.encode()
 
 
 def _number(value: float) -> bytes:
@@ -256,6 +262,10 @@ class Renderer:
             for om, headers in self._headers.items()
         }
         self._pending_prefixes: dict[str, bytes] = {}
+        info = _build_info(__version__)
+        self._build_info = {
+            om: headers[BUILD_INFO.name] + info for om, headers in self._headers.items()
+        }
 
     def _deflate(self, data: bytes) -> bytes:
         """``data`` as a self-contained raw-deflate segment (see the module docstring)."""
@@ -393,7 +403,7 @@ class Renderer:
         headers = self._headers[openmetrics]
         backends = registry.backends
         healthy = sum(1 for b in backends if b.healthy)
-        models = len(available_models(registry))
+        models = len(registry.available_model_names())
         pending: dict[bytes, int] = {}
         prefixes = self._pending_prefixes
         for backend in backends:
@@ -414,6 +424,7 @@ class Renderer:
             headers[PENDING_REQUESTS.name],
         ]
         lines += [b"%b%d\n" % item for item in pending.items()]
+        lines.append(self._build_info[openmetrics])
         return b"".join(lines)
 
     def render(self, openmetrics: bool = False, gzip: bool = False) -> bytes:

@@ -1,8 +1,8 @@
 """The metric families the gateway exports: names, types, labels, help and buckets.
 
-Contract section 5 fixes these; ``nexus_time_to_first_token_seconds`` is the one
-addition. Every exposition (our renderer, the prometheus_client bridge, the docs
-tests) reads its names from here.
+Contract section 5 fixes these; ``nexus_time_to_first_token_seconds`` and
+``nexus_build_info`` are the additions. Everything that names a family (the
+renderer, the docs tests, the tests' prometheus_client bridge) reads it from here.
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ PENDING_REQUESTS = Family(
     "Requests in flight to each backend right now.",
     ("backend",),
 )
+BUILD_INFO = Family(
+    "nexus_build_info",
+    "gauge",
+    "Always 1; the label says which Nexus version is running.",
+    ("version",),
+)
 
 #: All families, in exposition order.
 FAMILIES: tuple[Family, ...] = (
@@ -130,6 +136,7 @@ FAMILIES: tuple[Family, ...] = (
     BACKENDS_HEALTHY,
     MODELS_AVAILABLE,
     PENDING_REQUESTS,
+    BUILD_INFO,
 )
 
 #: ``error_type`` values of contract section 5; anything else is counted as ``other``.

@@ -2,7 +2,7 @@
 
 A *series* holds the numbers recorded under one combination of raw names (the
 model the client asked for, or ``unknown``; the backend id, or ``none``). It is the
-single source of truth for ``/metrics`` (both renderers) and ``/v1/stats``.
+single source of truth for ``/metrics`` and ``/v1/stats``.
 
 A *group* is one set of exposed label values. Names are sanitized for Prometheus,
 so two raw names can collide (``llama3:70b`` and ``llama3.70b`` both become
@@ -16,21 +16,9 @@ Histogram counts are stored per bucket (not cumulative), the last slot being the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import Generic, Self, TypeVar
 
 from nexus.metrics.families import DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, Family
-
-if TYPE_CHECKING:
-    from nexus.registry import BackendRegistry
-
-
-def available_models(registry: BackendRegistry) -> list[str]:
-    """Models served by at least one healthy backend now.
-
-    The same names as ``registry.available_models()``, without building the
-    per-model backend lists (it runs on every scrape).
-    """
-    return [m for m, backends in registry.by_model.items() if any(b.healthy for b in backends)]
 
 
 def _empty(bounds: Sequence[float]) -> list[int]:

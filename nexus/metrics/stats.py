@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING
 import attrs
 import cattrs
 
-from nexus.metrics.labels import NO_BACKEND
-from nexus.metrics.series import available_models
-
 if TYPE_CHECKING:
     from nexus.metrics.collector import MetricsCollector
 
@@ -35,12 +32,21 @@ class RequestTotals:
 
 @attrs.frozen
 class BackendStats:
-    """One backend: requests it served, their mean duration (ms), in flight now."""
+    """One backend: requests it served, their mean duration (ms), in flight now.
+
+    Also what ``/health``'s ``fleet`` says of it: ``status``, ``type``,
+    ``source`` and ``models`` (the ids it lists, sorted: its last successful
+    discovery plus the configured floor, whatever its status now).
+    """
 
     id: str
     requests: int
     average_latency_ms: float
     pending: int
+    status: str
+    type: str
+    source: str
+    models: tuple[str, ...]
 
 
 @attrs.frozen
@@ -110,16 +116,25 @@ def build_stats(collector: MetricsCollector) -> Stats:
                 acc = table[key] = _Sum()
             acc.requests += requests
             acc.seconds += series.duration_sum
-    registry = collector.registry
-    pending = {b.name: max(0, b.pending) for b in registry.backends}
-    # Requests that reached no backend belong to no backend's row.
-    backend_ids = sorted(pending.keys() | (by_backend.keys() - {NO_BACKEND}))
+    # The current fleet only: a removed backend's requests stay in the totals
+    # (and in /metrics) but it has no row.
     backends = []
-    for name in backend_ids:
-        acc = by_backend.get(name, _NOTHING)
-        backends.append(BackendStats(name, acc.requests, acc.mean_ms(), pending.get(name, 0)))
+    for backend in collector.registry.backends:
+        acc = by_backend.get(backend.name, _NOTHING)
+        backends.append(
+            BackendStats(
+                backend.name,
+                acc.requests,
+                acc.mean_ms(),
+                max(0, backend.pending),
+                backend.status,
+                backend.type,
+                backend.source,
+                tuple(sorted(backend.models)),
+            )
+        )
     models = []
-    for name in by_model.keys() | set(available_models(registry)):
+    for name in by_model.keys() | set(collector.registry.available_model_names()):
         acc = by_model.get(name, _NOTHING)
         models.append(ModelStats(name, acc.requests, acc.mean_ms()))
     models.sort(key=lambda m: (-m.requests, m.name))
