@@ -18,8 +18,12 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 # twistd finds the plugin in twisted/plugins/ through the working directory on sys.path.
+# Stopped by Ctrl-C or SIGTERM, twistd drains and exits by that signal (130 / 143):
+# that is a normal end of `make run`, not an error.
 run: setup
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n nexus $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	@trap true INT TERM; \
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n nexus $(if $(CONFIG),--config $(CONFIG)) $(ARGS); \
+	code=$$?; [ $$code -eq 130 ] || [ $$code -eq 143 ] || exit $$code
 
 test: setup
 	VENV=$(VENV) ./scripts/run-tests

@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["nexus", "nexus.metrics", "twisted.plugins"],
+    packages=["nexus", "nexus.config", "nexus.metrics", "nexus.testing", "twisted.plugins"],
     package_data={"twisted.plugins": ["nexus_plugin.py", "nexus_mock_plugin.py"]},
     install_requires=[
         "twisted>=26.10",

@@ -17,11 +17,20 @@ class GatewayError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = "internal_error"
     error_type: ClassVar[str] = "other"
+    #: Response headers every error of this kind carries.
+    default_headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        #: Response headers to send with the error body.
+        self.headers = self.default_headers + headers
 
     def to_dict(self) -> dict[str, object]:
         """The error body as a dict: ``{"error": {message, type, param, code}}``."""
@@ -55,6 +64,7 @@ class Unauthorized(GatewayError):
     type = "invalid_request_error"
     code = "invalid_api_key"
     error_type = "invalid_request"
+    default_headers = ((b"www-authenticate", b"Bearer"),)
 
 
 class PayloadTooLarge(GatewayError):
@@ -112,12 +122,13 @@ class NoHealthyBackend(GatewayError):
 
 
 class Overloaded(GatewayError):
-    """``server.max_concurrent_requests`` reached (503, with Retry-After)."""
+    """``server.max_concurrent_requests`` reached, or shutting down (503, with Retry-After)."""
 
     status = 503
     type = "server_error"
     code = "service_unavailable"
     error_type = "other"
+    default_headers = ((b"retry-after", b"1"),)
 
 
 class BadGateway(GatewayError):

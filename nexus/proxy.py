@@ -1,28 +1,33 @@
-"""Forwarding one chat completion: validate, route, try candidates, relay the answer.
+"""Forwarding one chat completion: validate, route, try candidates, return the outcome.
 
-Data flows one way: the API hands a request here, the router picks the
-candidates, each attempt goes upstream through the shared Agent, and
-everything learned lands on the request's ``RequestRecord``.
+Data flows one way: the server layer hands an exchange here, the router
+picks the candidates, each attempt goes upstream through the shared Agent,
+and the answer goes back as an outcome (a ``Reply``, or a ``Stream`` relayed
+by ``StreamRelay``) for the server layer to write. Everything learned lands
+on the exchange's ``RequestRecord``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from nexus import sse
+from nexus._twisted import connection_header_names
+from nexus.config import BackendConfig
 from nexus.errors import (
     BadGateway,
     GatewayError,
@@ -33,6 +38,7 @@ from nexus.errors import (
 )
 from nexus.registry import Backend
 from nexus.routing import RouteDecision, Router, request_needs
+from nexus.server import Exchange, Outcome, Reply, Stream
 from nexus.tracking import RequestRecord
 from nexus.upstream import (
     HOP_BY_HOP,
@@ -79,7 +85,7 @@ class _AttemptFailed(Exception):
 
 
 class StreamFailed(Exception):
-    """The upstream stream broke (reset, truncated event, idle timeout)."""
+    """The upstream stream broke before its first event (reset, truncated, idle)."""
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
@@ -89,45 +95,48 @@ class StreamFailed(Exception):
 class StreamRelay(Protocol):
     """Relays an upstream SSE body to the client, whole events at a time.
 
-    The upstream transport is registered as the client request's producer, so
-    a client that reads slowly pauses the read from the backend. ``done``
-    fires when the upstream ends cleanly and fails with StreamFailed
-    otherwise; cancelling it stops the upstream at once. ``start`` is called
-    right before the first byte goes to the client, so an attempt that fails
-    earlier can still be retried elsewhere.
+    ``ready`` fires when the first events have arrived (or the stream ended
+    cleanly with none), and fails with StreamFailed if the stream broke
+    before: until then nothing reached the client, so the attempt can be
+    retried elsewhere. ``write_to(consumer)`` then writes what arrived and
+    everything after it, with the upstream transport registered as the
+    consumer's producer so that a slow client pauses the backend; a break
+    after that ends the stream with one error event and ``[DONE]``.
+
+    The end of a body is normal when it falls between events: the backend
+    ended its chunked body, or closed a close-delimited body (Twisted's
+    ``PotentialDataLoss``) after ``[DONE]``. A close inside an event, or a
+    close-delimited body cut before ``[DONE]``, is a broken stream.
     """
 
     def __init__(
         self,
-        request: Any,
         record: RequestRecord,
-        start: Callable[[], None],
         idle_timeout: float,
         clock: IReactorTime,
         now: Callable[[], float],
     ) -> None:
-        self.request = request
         self.record = record
-        self.start = start
-        self.clock = clock
         self.now = now
         self.idle_timeout = idle_timeout
         self.framer = sse.SSEFramer()
-        self.started_output = False
         self.saw_done = False
-        self.timed_out = False
-        self._want_first_token = True
-        self._registered = False
+        self.ready: Deferred[None] = Deferred(self._cancel)
         self.done: Deferred[None] = Deferred(self._cancel)
+        self.consumer: IConsumer | None = None
+        self._buffer: list[bytes] = []
+        self._want_first_token = True
+        self._ended = False
+        self._error: GatewayError | None = None
+        self._registered = False
         self._idle = clock.callLater(idle_timeout, self._on_idle)
 
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
-        self._registered = True
+    # -- the upstream side -------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idle.active():
-            self._idle.reset(self.idle_timeout)
+        if self._ended:
+            return
+        self._idle.reset(self.idle_timeout)
         try:
             events = self.framer.feed(data)
         except sse.EventTooLarge as e:
@@ -135,48 +144,95 @@ class StreamRelay(Protocol):
             return
         if not events:
             return
+        record = self.record
         for event in events:
             if self._want_first_token and sse.has_content(event):
                 self._want_first_token = False
-                self.record.time_to_first_token = self.now() - self.record.started
+                record.time_to_first_token = self.now() - record.started
             if sse.is_done(event):
                 self.saw_done = True
             usage = sse.usage_of(event)
             if usage is not None:
-                self.record.set_usage(*usage)
-        if not self.started_output:
-            self.started_output = True
-            self.start()
-        self.request.write(b"".join(events) if len(events) > 1 else events[0])
+                record.set_usage(*usage)
+        if self.consumer is None:
+            self._buffer.extend(events)
+            if not self.ready.called:
+                self.ready.callback(None)
+            return
+        self.consumer.write(b"".join(events) if len(events) > 1 else events[0])
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        if self._idle.active():
-            self._idle.cancel()
-        self._unregister()
-        if self.done.called:
+        if self._ended:
+            self._unregister()
             return
-        if self.timed_out:
-            error: GatewayError = GatewayTimeout("The backend stopped sending events.")
-        elif reason.check(ResponseDone) and not self.framer.pending.strip():
-            self.done.callback(None)
-            return
-        elif reason.check(ResponseDone):
-            error = BadGateway("The backend's stream ended inside an event.")
+        cut_inside_event = bool(self.framer.pending.strip())
+        if reason.check(ResponseDone) and not cut_inside_event:
+            self._end(None)
+        elif reason.check(PotentialDataLoss) and not cut_inside_event and self.saw_done:
+            self._end(None)  # a close-delimited body, ended after [DONE]
+        elif reason.check(ResponseDone, PotentialDataLoss) and cut_inside_event:
+            self._end(BadGateway("The backend's stream ended inside an event."))
         else:
-            error = BadGateway("The backend's stream broke off.")
-        self.done.errback(StreamFailed(error))
-
-    def _fail(self, error: GatewayError) -> None:
-        # Release the client's producer slot before the handler resumes and finishes.
-        self._stop_upstream()
-        if not self.done.called:
-            self.done.errback(StreamFailed(error))
+            self._end(BadGateway("The backend's stream broke off."))
 
     def _on_idle(self) -> None:
-        self.timed_out = True
         self._fail(GatewayTimeout("The backend stopped sending events."))
 
+    def _fail(self, error: GatewayError) -> None:
+        self._end(error)
+        self._stop_upstream()
+
+    def _end(self, error: GatewayError | None) -> None:
+        """The upstream body is over (``error`` None: cleanly)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._idle.active():
+            self._idle.cancel()
+        if not self.ready.called:
+            if error is not None:
+                self.ready.errback(StreamFailed(error))
+                return
+            self.ready.callback(None)
+        self._error = error
+        if self.consumer is not None:
+            self._finish_output()
+
+    # -- the client side ---------------------------------------------------------
+
+    def write_to(self, consumer: IConsumer) -> Deferred[None]:
+        """Write the events so far and the rest as they come; fires when the stream is over."""
+        self.consumer = consumer
+        if not self._ended and self.transport is not None:
+            consumer.registerProducer(self.transport, True)  # type: ignore[arg-type]
+            self._registered = True
+        if self._buffer:
+            consumer.write(b"".join(self._buffer))
+            self._buffer = []
+        if self._ended:
+            self._finish_output()
+        return self.done
+
+    def stop(self) -> None:
+        """Drop the stream: the client is gone before it was written."""
+        self.done.addErrback(lambda failure: failure.trap(CancelledError))
+        self.done.cancel()
+
+    def _finish_output(self) -> None:
+        self._unregister()
+        consumer = self.consumer
+        assert consumer is not None
+        if self._error is not None:
+            # The 200 is out: end the stream with one error event, then [DONE].
+            self.record.error_type = self._error.error_type
+            consumer.write(sse.error_event(self._error.to_json()) + sse.DONE_EVENT)
+        elif not self.saw_done:
+            consumer.write(sse.DONE_EVENT)
+        if not self.done.called:
+            self.done.callback(None)
+
     def _cancel(self, _: Deferred[None]) -> None:
+        self._ended = True
         if self._idle.active():
             self._idle.cancel()
         self._stop_upstream()
@@ -189,23 +245,26 @@ class StreamRelay(Protocol):
     def _unregister(self) -> None:
         if self._registered:
             self._registered = False
-            # The channel is gone when the client disconnected first.
-            if self.request.channel is not None:
-                self.request.unregisterProducer()
+            consumer: Any = self.consumer
+            # A request whose client disconnected first has no channel to unregister from.
+            if getattr(consumer, "channel", True) is not None:
+                consumer.unregisterProducer()
 
 
 @attrs.frozen
 class _Target:
-    """What every request to one backend shares: its URL and base headers.
+    """What every request to one backend shares: its URL, base headers and id.
 
     ``headers`` is never mutated (a request that adds the client's
     ``Authorization`` copies it); it carries ``Host`` so the Agent does not
-    copy and recompute it on every request.
+    copy and recompute it on every request. The backend's bearer header, when
+    it has its own key, is built here once.
     """
 
     url: bytes
     headers: Headers
     own_key: bool
+    backend_header: tuple[bytes, Sequence[bytes]]
 
     @classmethod
     def for_backend(cls, backend: Backend, environ: Mapping[str, str]) -> _Target:
@@ -215,15 +274,42 @@ class _Target:
         if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
             host += b":%d" % parsed.port
         headers = Headers({b"content-type": [_JSON], b"host": [host]})
-        env = backend.config.api_key_env
-        key = environ.get(env) if env else None
-        if key:
-            headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("latin-1")])
-        return cls(url, headers, bool(key))
+        authorization = backend_authorization(backend.config, environ)
+        if authorization is not None:
+            headers.setRawHeaders(b"authorization", [authorization])
+        backend_header = (b"x-nexus-backend", [backend.name.encode("utf-8")])
+        return cls(url, headers, authorization is not None, backend_header)
+
+
+def backend_authorization(config: BackendConfig, environ: Mapping[str, str]) -> bytes | None:
+    """The ``Authorization`` value for a backend with its own key (``api_key_env``), or None."""
+    env = config.api_key_env
+    key = environ.get(env) if env else None
+    return b"Bearer " + key.encode("latin-1") if key else None
+
+
+class _Lease:
+    """One attempt's hold on a backend: counted pending until released, once."""
+
+    __slots__ = ("backend", "now", "released", "started")
+
+    def __init__(self, backend: Backend, now: Callable[[], float]) -> None:
+        self.backend = backend
+        self.now = now
+        self.started = now()
+        self.released = False
+        backend.pending += 1
+
+    def release(self, result: object = None) -> object:
+        if not self.released:
+            self.released = True
+            self.backend.pending -= 1
+            self.backend.record_latency((self.now() - self.started) * 1000.0)
+        return result
 
 
 class ChatCompletions:
-    """Serves ``POST /v1/chat/completions`` for the API."""
+    """The handler of ``POST /v1/chat/completions``: an exchange in, an outcome out."""
 
     def __init__(
         self,
@@ -253,17 +339,19 @@ class ChatCompletions:
             self._targets[backend.name] = target
         return target
 
-    def _headers(self, target: _Target, authorization: list[bytes] | None) -> Headers:
+    @staticmethod
+    def _headers(target: _Target, authorization: list[bytes] | None) -> Headers:
         if target.own_key or not authorization:
             return target.headers
         headers = target.headers.copy()
         headers.setRawHeaders(b"authorization", authorization)
         return headers
 
-    async def handle(self, request: Any, record: RequestRecord) -> bytes | None:
-        """Answer one request; every failure comes back as a GatewayError."""
+    async def handle(self, exchange: Exchange) -> Outcome:
+        """Answer one request; a failure before any answer is a GatewayError."""
         deadline = self.now() + self.request_timeout
-        body = request.content.read() if request.content is not None else b""
+        record = exchange.record
+        body = exchange.body
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes.")
         payload = parse_chat_request(body)
@@ -277,35 +365,23 @@ class ChatCompletions:
             payload["model"] = decision.model
             # ASCII-escaped: a lone surrogate from the client survives re-encoding.
             body = json.dumps(payload).encode("utf-8")
-        stream = payload.get("stream") is True
-        authorization = request.requestHeaders.getRawHeaders(b"authorization")
-        return await self._forward(request, record, decision, body, stream, authorization, deadline)
+        call = _Call(decision, body, payload.get("stream") is True, exchange.authorization)
+        return await self._forward(record, call, deadline)
 
-    async def _forward(
-        self,
-        request: Any,
-        record: RequestRecord,
-        decision: RouteDecision,
-        body: bytes,
-        stream: bool,
-        authorization: list[bytes] | None,
-        deadline: float,
-    ) -> bytes | None:
+    async def _forward(self, record: RequestRecord, call: _Call, deadline: float) -> Outcome:
         last: GatewayError | None = None
-        for backend in decision.candidates[: 1 + self.max_retries]:
+        for backend in call.decision.candidates[: 1 + self.max_retries]:
             remaining = deadline - self.now()
             if remaining <= 0:
                 last = GatewayTimeout("The request timed out.")
                 break
             record.backend = backend.name
-            backend.pending += 1
-            started = self.now()
+            lease = _Lease(backend, self.now)
             timer = Deadline(self.clock, remaining)
             try:
-                return await self._attempt(
-                    request, record, decision, backend, body, stream, authorization, timer
-                )
+                outcome = await self._attempt(record, call, backend, timer, lease)
             except _AttemptFailed as failed:
+                lease.release()
                 if record.client_gone:
                     # The Agent reports a cancelled attempt as a failure: do not
                     # retry for a client that has left.
@@ -314,29 +390,27 @@ class ChatCompletions:
                 log.info(
                     "attempt on {backend} failed: {why}", backend=backend.name, why=last.message
                 )
+                continue
+            except BaseException:
+                lease.release()
+                raise
             finally:
                 timer.cancel()
-                backend.pending -= 1
-                backend.record_latency((self.now() - started) * 1000.0)
-        request.setHeader(b"x-nexus-backend", record.backend or "none")
-        raise last or BadGateway("No backend could be tried.")
+            if isinstance(outcome, Reply):
+                lease.release()
+            return outcome
+        error = last or BadGateway("No backend could be tried.")
+        return Reply.error(error, [(b"x-nexus-backend", [(record.backend or "none").encode()])])
 
     async def _attempt(
-        self,
-        request: Any,
-        record: RequestRecord,
-        decision: RouteDecision,
-        backend: Backend,
-        body: bytes,
-        stream: bool,
-        authorization: list[bytes] | None,
-        timer: Deadline,
-    ) -> bytes | None:
+        self, record: RequestRecord, call: _Call, backend: Backend, timer: Deadline, lease: _Lease
+    ) -> Outcome:
+        target = self._target(backend)
         try:
-            target = self._target(backend)
             response: IResponse = await timer.watch(
                 self.agent.request(
-                    b"POST", target.url, self._headers(target, authorization), BytesProducer(body)
+                    b"POST", target.url, self._headers(target, call.authorization),
+                    BytesProducer(call.body),
                 )
             )
         except UpstreamTimeout:
@@ -354,10 +428,17 @@ class ChatCompletions:
             discard_body(response)
             raise _AttemptFailed(BadGateway(f"Backend '{backend.name}' answered {code}."))
         # A backend that answers a stream request with plain JSON is read as JSON.
-        if stream and code == 200 and not _is_json(response):
+        if call.stream and code == 200 and not _is_json(response):
             timer.cancel()  # from here the relay's idle timeout applies
-            await self._relay(request, record, decision, backend, response)
-            return None
+            relay = StreamRelay(record, self.request_timeout, self.clock, self.now)
+            response.deliverBody(relay)
+            try:
+                await relay.ready
+            except StreamFailed as failed:
+                raise _AttemptFailed(failed.error) from None
+            relay.done.addBoth(lease.release)  # the backend is busy until the relay is over
+            headers = [*_relayed_headers(response, target, call.decision), *_SSE_HEADERS]
+            return Stream(200, headers, relay)
         try:
             data = await timer.watch(read_body(response))
         except UpstreamTimeout:
@@ -370,6 +451,7 @@ class ChatCompletions:
             raise _AttemptFailed(
                 BadGateway(f"Backend '{backend.name}' broke off its answer ({type(e).__name__}).")
             ) from None
+        error_type = None
         if 200 <= code < 300:
             try:
                 answer = json.loads(data)
@@ -382,56 +464,44 @@ class ChatCompletions:
                 record.set_usage(_count(usage.get("prompt_tokens")),
                                  _count(usage.get("completion_tokens")))
         else:
-            record.error_type = "invalid_request"
-        request.setResponseCode(code)
-        self._copy_headers(request, response, backend, decision)
-        request.setHeader(b"content-length", b"%d" % len(data))
-        return data
+            error_type = "invalid_request"  # the backend's own 4xx, passed through
+        return Reply(code, data, _relayed_headers(response, target, call.decision), error_type)
 
-    async def _relay(
-        self,
-        request: Any,
-        record: RequestRecord,
-        decision: RouteDecision,
-        backend: Backend,
-        response: IResponse,
-    ) -> None:
-        def start() -> None:
-            request.setResponseCode(200)
-            self._copy_headers(request, response, backend, decision)
-            request.setHeader(b"content-type", b"text/event-stream")
-            request.setHeader(b"cache-control", b"no-cache")
 
-        relay = StreamRelay(request, record, start, self.request_timeout, self.clock, self.now)
-        response.deliverBody(relay)
-        try:
-            await relay.done
-        except StreamFailed as failed:
-            if not relay.started_output:
-                raise _AttemptFailed(failed.error) from None
-            # The 200 is out: end the stream with one error event, then [DONE].
-            record.error_type = failed.error.error_type
-            request.write(sse.error_event(failed.error.to_json()) + sse.DONE_EVENT)
-            return
-        if not relay.started_output:
-            start()
-        if not relay.saw_done:
-            request.write(sse.DONE_EVENT)
+@attrs.frozen
+class _Call:
+    """What every attempt of one request sends: the route, the body, the mode, the key."""
 
-    @staticmethod
-    def _copy_headers(
-        request: Any, response: IResponse, backend: Backend, decision: RouteDecision
-    ) -> None:
-        # Twisted's client already keeps the connection-control headers (Connection,
-        # Keep-Alive, Transfer-Encoding, ...) out of response.headers; _NOT_COPIED
-        # covers the remaining hop-by-hop names.
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() in _NOT_COPIED:
-                continue
-            request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"x-nexus-backend", backend.name)
-        if decision.fallback_from is not None:
-            request.setHeader(b"x-nexus-fallback-model", decision.model)
+    decision: RouteDecision
+    body: bytes
+    stream: bool
+    authorization: list[bytes] | None
+
+
+_SSE_HEADERS: tuple[tuple[bytes, Sequence[bytes]], ...] = (
+    (b"content-type", [b"text/event-stream"]),
+    (b"cache-control", [b"no-cache"]),
+)
+
+
+def _relayed_headers(
+    response: IResponse, target: _Target, decision: RouteDecision
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """The backend's response headers a client gets, plus the gateway's own.
+
+    Hop-by-hop headers are dropped: the standard set and every name the
+    backend listed in its ``Connection`` header.
+    """
+    skip = _NOT_COPIED | connection_header_names(response)
+    headers: list[tuple[bytes, Sequence[bytes]]] = [
+        (name, values)
+        for name, values in response.headers.getAllRawHeaders()
+        if name.lower() not in skip
+    ]
+    headers.append(target.backend_header)
+    if decision.fallback_from is not None:
+        headers.append((b"x-nexus-fallback-model", [decision.model.encode("utf-8")]))
+    return headers
 
 
 def _is_json(response: IResponse) -> bool:

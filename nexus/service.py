@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -12,18 +13,31 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
+import twisted
+from nexus import __version__
 from nexus.access import AccessPolicy
-from nexus.api import GatewayResource, NexusAPI, NexusSite
-from nexus.config import BackendConfig, Config, ConfigError, load_config
+from nexus.admission import Admission
+from nexus.api import INFERENCE_PATHS, GatewayResource, NexusAPI
+from nexus.config import (
+    DEFAULT_LISTEN,
+    BackendConfig,
+    Config,
+    ConfigError,
+    listen_warnings,
+    load_config,
+)
 from nexus.health import HealthPoller, HealthService
 from nexus.metrics import MetricsCollector
-from nexus.mock import MockBackend, MockSettings, listen_mock
 from nexus.proxy import ChatCompletions
 from nexus.registry import HEALTHY, BackendRegistry
 from nexus.routing import Router
+from nexus.server import NexusSite
+from nexus.testing import MockBackend, MockSettings, listen_mock
 from nexus.upstream import UpstreamClient
 
 log = Logger()
@@ -35,25 +49,60 @@ DEMO_MODELS = ("demo", "demo-large")
 class Options(usage.Options):
     """Command line of ``twistd nexus``."""
 
-    synopsis = "[--config nexus.toml] [--listen tcp:8000] [--demo]"
+    synopsis = "[--config nexus.toml] [--listen DESCRIPTION] [--demo]"
     optParameters = [
-        ["config", "c", None, "TOML configuration file (without one, demo mode)."],
-        ["listen", "l", None, "Where to listen, a strports description (overrides the file)."],
+        ["config", "c", None,
+         "TOML configuration file. Without one: demo mode (an embedded mock backend)."],
+        ["listen", "l", None,
+         f"Where to listen, a strports description (default {DEFAULT_LISTEN}); "
+         "overrides server.listen."],
     ]
     optFlags = [["demo", None, "Also start an embedded mock backend on 127.0.0.1."]]
-    longdesc = "Nexus: one OpenAI-compatible endpoint in front of a fleet of inference servers."
+    longdesc = (
+        "Nexus: one OpenAI-compatible endpoint in front of a fleet of inference servers. "
+        "Every setting, its default and its NEXUS_* environment variable: docs/configuration.md; "
+        "faults, security and shutdown: docs/operations.md."
+    )
+
+    def opt_version(self) -> None:
+        """Print the version of Nexus and exit."""
+        print(f"nexus {__version__} (Twisted {twisted.__version__})")
+        sys.exit(0)
 
 
-class _DemoBackendService(Service):
-    """Stops the (already listening) embedded demo backend when the gateway stops."""
+class DemoBackendService(Service):
+    """The embedded demo backend: opens its port when the gateway starts, joins the fleet.
+
+    The backend is added to the registry once it listens (its URL has a port
+    only then), before the health poller's first round.
+    """
 
     name = "demo-backend"
 
-    def __init__(self, backend: MockBackend) -> None:
-        self.backend = backend
+    def __init__(self, registry: BackendRegistry, reactor: Any, checked: bool = True) -> None:
+        self.registry = registry
+        self.reactor = reactor
+        #: Whether the health poller checks backends (else they are trusted as healthy).
+        self.checked = checked
+        self.backend: MockBackend | None = None
 
-    def stopService(self) -> Deferred[None]:
+    def startService(self) -> None:
+        super().startService()
+        settings = MockSettings(name="demo", models=list(DEMO_MODELS), stream_delay_ms=50)
+        self.backend = backend = listen_mock(self.reactor, settings)
+        added = self.registry.add(
+            BackendConfig(name="demo", url=backend.url, type="openai", models=DEMO_MODELS)
+        )
+        if not self.checked:
+            added.status = HEALTHY
+        log.info(
+            "demo backend at {url} serving {models}", url=backend.url, models=", ".join(DEMO_MODELS)
+        )
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self.backend is None:
+            return None
         return self.backend.stop()
 
 
@@ -67,6 +116,7 @@ class Gateway:
     upstream: UpstreamClient
     collector: MetricsCollector
     poller: HealthPoller
+    admission: Admission
     api: NexusAPI
     site: NexusSite
 
@@ -102,18 +152,26 @@ def build_gateway(
         now=now,
         environ=environ,
     )
+    admission = Admission(config.server.max_concurrent_requests)
     api = NexusAPI(
         registry,
         router,
         chat,
         collector,
+        admission,
         now=now,
         wall_clock=time.time,
         access=AccessPolicy.from_config(config.server),
-        max_concurrent=config.server.max_concurrent_requests,
     )
-    site = NexusSite(GatewayResource(api), config.server, collector, now, reactor=reactor)
-    return Gateway(config, registry, router, upstream, collector, poller, api, site)
+    site = NexusSite(
+        GatewayResource(api),
+        config.server,
+        recorder=collector.record_request,
+        inference_paths=INFERENCE_PATHS,
+        now=now,
+        reactor=reactor,
+    )
+    return Gateway(config, registry, router, upstream, collector, poller, admission, api, site)
 
 
 #: Listen queue length: Twisted's default of 50 drops connections in any burst of clients.
@@ -139,77 +197,83 @@ def _freeze_startup_objects() -> None:
 
 
 class GatewayService(MultiService):
-    """The running gateway: listener, health poller, connection pool (and a demo backend).
+    """The running gateway: its parts as child services, started in order.
 
-    Children start together; stopping is ordered so that no request is lost or
-    counted twice: stop accepting, let requests in flight finish for the grace
-    period, cut what is left (recorded as 499), then stop polling, close the
-    pool and stop the demo backend.
+    Children: the demo backend (when there is one), the connection pool, the
+    health poller, then the listener. Stopping is ordered so that no request
+    is lost or counted twice: stop accepting, let requests in flight finish
+    for the grace period, cut what is left (recorded as 499), then stop the
+    other children in reverse order.
     """
 
-    def __init__(self, gateway: Gateway, reactor: Any) -> None:
+    def __init__(self, gateway: Gateway, reactor: Any, demo: bool = False) -> None:
         super().__init__()
         self.gateway = gateway
         self.reactor = reactor
-        self.listener = strports.service(
-            with_backlog(gateway.config.server.listen), gateway.site, reactor=reactor
-        )
-        self.listener.setName("http")
-        self.health: HealthService | None = None
-        if gateway.config.health_check.enabled:
-            self.health = HealthService(gateway.poller, reactor)
+        checked = gateway.config.health_check.enabled
+        if demo:
+            DemoBackendService(gateway.registry, reactor, checked).setServiceParent(self)
+        gateway.upstream.setServiceParent(self)
+        if checked:
+            HealthService(gateway.poller, reactor).setServiceParent(self)
         else:
             # Without polling nothing would ever become healthy: trust the config.
             for backend in gateway.registry.backends:
                 backend.status = HEALTHY
-        self.demo: _DemoBackendService | None = None
+        self.listen = gateway.config.server.listen
+        self.listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
+        self.listener.setName("http")
+        self.listener.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+            raise SystemExit(f"nexus: cannot listen on {self.listen}: {why}") from None
 
     def startService(self) -> None:
-        Service.startService(self)
+        super().startService()
         self.reactor.callWhenRunning(_freeze_startup_objects)
-        self.gateway.upstream.startService()
-        if self.health is not None:
-            self.health.startService()
-        self.listener.startService()
 
     async def _stop(self) -> None:
-        api = self.gateway.api
-        api.draining = True
+        admission = self.gateway.admission
+        admission.draining = True
         await maybeDeferred(self.listener.stopService)
         grace = self.gateway.config.server.shutdown_grace_seconds
-        if api.active:
+        if admission.active:
             log.info(
-                "waiting up to {grace}s for {n} requests in flight", grace=grace, n=len(api.active)
+                "waiting up to {grace}s for {requests} in flight",
+                grace=grace,
+                requests=_requests(len(admission.active)),
             )
-            idle = api.wait_idle()
+            idle = admission.wait_idle()
             timer = self.reactor.callLater(grace, idle.cancel)
             try:
                 await idle
             except CancelledError:
-                log.warn("cutting {n} requests still in flight", n=api.cut_active())
+                log.warn(
+                    "cutting {requests} still in flight",
+                    requests=_requests(admission.cut_active()),
+                )
             else:
                 timer.cancel()
-        if self.health is not None:
-            await maybeDeferred(self.health.stopService)
-        await self.gateway.upstream.stopService()
-        if self.demo is not None:
-            await self.demo.stopService()
+        for child in reversed(list(self)):
+            if child.running:
+                await maybeDeferred(child.stopService)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
 
-def start_demo_backend(reactor: Any) -> tuple[BackendConfig, MockBackend]:
-    """Listen with an embedded mock backend on 127.0.0.1 (any free port)."""
-    settings = MockSettings(name="demo", models=list(DEMO_MODELS), stream_delay_ms=50)
-    backend = listen_mock(reactor, settings)
-    config = BackendConfig(name="demo", url=backend.url, type="openai", models=DEMO_MODELS)
-    return config, backend
+def _requests(n: int) -> str:
+    """``"1 request"``, ``"2 requests"``: log lines read naturally."""
+    return f"{n} request" if n == 1 else f"{n} requests"
 
 
 def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayService:
-    """Build the gateway's service tree from ``twistd nexus`` options."""
+    """Build the gateway's service tree from ``twistd nexus`` options (nothing listens yet)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -218,20 +282,19 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         config, warnings = load_config(options.get("config"))
     except ConfigError as e:
         raise SystemExit(f"nexus: configuration error: {e}") from None
-    for warning in warnings:
-        print(f"nexus: warning: {warning}")
     if options.get("listen"):
         config = attrs.evolve(config, server=attrs.evolve(config.server, listen=options["listen"]))
-    demo_backend = None
-    if options.get("demo") or not options.get("config"):
-        demo, demo_backend = start_demo_backend(reactor)
-        config = attrs.evolve(config, backends=(*config.backends, demo))
-        print(f"nexus: demo backend at {demo.url} serving {', '.join(DEMO_MODELS)}")
+    try:
+        serverFromString(reactor, with_backlog(config.server.listen))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"nexus: bad listen description {config.server.listen!r}: {e}"
+        ) from None
+    for warning in [*warnings, *listen_warnings(config.server)]:
+        print(f"nexus: warning: {warning}")
     try:
         gateway = build_gateway(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"nexus: configuration error: {e}") from None
-    service = GatewayService(gateway, reactor)
-    if demo_backend is not None:
-        service.demo = _DemoBackendService(demo_backend)
-    return service
+    demo = bool(options.get("demo") or not options.get("config"))
+    return GatewayService(gateway, reactor, demo=demo)

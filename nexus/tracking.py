@@ -1,24 +1,15 @@
-"""Exactly-once request recording.
+"""The record of one inference request, written exactly once.
 
-Every inference request gets one ``RequestRecord`` when its handler starts.
-The handler fills in what it learns (model, backend, error, tokens); the
-request (``nexus.api.NexusRequest``) writes the record to the metrics exactly
-once: when its last byte was written, or as status 499 when the client went
-away first.
+Every inference request gets one ``RequestRecord`` when the server layer
+starts serving it (``nexus.server.Exchange``). The handler fills in what it
+learns (model, backend, error, tokens); the exchange finishes the record
+exactly once, when the last byte was written, or as status 499 when the
+client went away first, and hands it to the metrics collector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
 import attrs
-from twisted.logger import Logger
-
-if TYPE_CHECKING:
-    from nexus.metrics import MetricsCollector
-
-log = Logger()
 
 #: Status recorded for a client that left before the last byte was written.
 CLIENT_CLOSED = 499
@@ -26,7 +17,12 @@ CLIENT_CLOSED = 499
 
 @attrs.define(eq=False)
 class RequestRecord:
-    """What is known so far about one client request."""
+    """What is known about one client request; ``status`` and ``duration`` once finished.
+
+    ``model`` is the name the client asked for (None: no usable model),
+    ``backend`` the last backend tried (None: none chosen), ``duration`` and
+    ``time_to_first_token`` are seconds.
+    """
 
     started: float
     model: str | None = None
@@ -37,7 +33,12 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     time_to_first_token: float | None = None
-    recorded: bool = False
+    #: The HTTP status sent (CLIENT_CLOSED when the client left first); set by ``finish``.
+    status: int = 0
+    #: Seconds from the start to the last byte; set by ``finish``.
+    duration: float = 0.0
+    #: Set once ``finish`` ran: the record is complete and must not change.
+    finished: bool = False
     #: The client went away before the response was finished.
     client_gone: bool = False
 
@@ -46,34 +47,11 @@ class RequestRecord:
         self.prompt_tokens = prompt
         self.completion_tokens = completion
 
-    def write(self, recorder: MetricsCollector, status: int, now: float) -> None:
-        """Record the finished request, once; a metrics failure is only logged."""
-        if self.recorded:
-            return
-        self.recorded = True
-        try:
-            recorder.record_request(
-                self.model,
-                self.backend,
-                status,
-                now - self.started,
-                self.error_type,
-                self.fallback_from,
-                self.fallback_to,
-                self.prompt_tokens,
-                self.completion_tokens,
-                self.time_to_first_token,
-            )
-        except Exception:
-            log.failure("recording a request's metrics failed")
-
-
-def track(request: Any, clock: Callable[[], float]) -> RequestRecord:
-    """Start the record of an inference request.
-
-    ``NexusRequest`` writes it once: when the request finishes, or as 499
-    when the connection is lost first.
-    """
-    record = RequestRecord(started=clock())
-    request.nexus_record = record
-    return record
+    def finish(self, status: int, now: float) -> bool:
+        """Close the record with its final status; False if it was already closed."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.status = status
+        self.duration = now - self.started
+        return True

@@ -27,14 +27,14 @@ from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     ResponseDone,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from nexus._twisted import QuietPool
 
 #: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
 #: connections under any concurrency.
@@ -114,26 +114,6 @@ class CachedEndpoints:
         return endpoint
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Twisted's per-connection client factory, without a log line per connection."""
-
-    noisy = False
-
-
-class _Pool(HTTPConnectionPool):
-    """A pool that never keeps a connection that is already being closed."""
-
-    _factory = _QuietClientFactory
-
-    def _putConnection(self, key: Any, connection: Any) -> None:
-        transport = connection.transport
-        if transport is None or transport.disconnecting:
-            # A body protocol stopped it (stopProducing) while the response finished in
-            # the same read: reusing it would fail the next request.
-            return
-        super()._putConnection(key, connection)
-
-
 class UpstreamClient(Service):
     """Owns the shared connection pool and the clients built on it.
 
@@ -145,7 +125,7 @@ class UpstreamClient(Service):
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
         self.reactor = reactor
-        self.pool = _Pool(reactor, persistent=True)
+        self.pool = QuietPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.retryAutomatically = False
         self.agent = Agent.usingEndpointFactory(

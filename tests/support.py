@@ -22,8 +22,9 @@ from nexus.config import (
     RoutingConfig,
     ServerConfig,
 )
-from nexus.mock import MockBackend, MockSettings, listen_mock
 from nexus.service import Gateway, build_gateway
+from nexus.testing import MockBackend, MockSettings, listen_mock
+from tests.prometheus_bridge import prometheus_registry
 
 
 async def wait_for(
@@ -82,13 +83,13 @@ class RunningGateway:
         await wait_for(lambda: b"".join(chunks).count(b"data: ") >= events, what="some events")
         response.original._transport.loseConnection()
 
-    async def get_json(self, path: str) -> Any:
+    async def get_json(self, path: str, status: int = 200) -> Any:
         response = await self.client.get(self.url + path)
-        assert response.code == 200, (path, response.code)
+        assert response.code == status, (path, response.code)
         return json.loads(await response.content())
 
     def sample(self, name: str, **labels: str) -> float:
-        value = self.gateway.collector.prometheus_registry.get_sample_value(name, labels)
+        value = prometheus_registry(self.gateway.collector).get_sample_value(name, labels)
         return 0.0 if value is None else value
 
     async def check_health(self) -> None:

@@ -19,6 +19,7 @@ from twisted.web.client import ResponseFailed
 from nexus.access import AccessPolicy
 from nexus.config import BackendConfig, Config, HealthCheckConfig, ServerConfig
 from nexus.service import GatewayService, build_gateway
+from tests.prometheus_bridge import prometheus_registry
 from tests.support import Cleanup, start_gateway, start_mock, wait_for
 
 
@@ -39,8 +40,10 @@ async def test_api_keys_guard_v1_and_never_leak(cleanup: Cleanup) -> None:
     gw = await start_gateway([mock])
     cleanup += [mock, gw]
     with_policy(gw, api_keys=["sk-right", "sk-other"])
+    # a valid key with extra characters (or a prefix of one) is not a valid key
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-right"},
-                    {"Authorization": "Basic sk-right"}):
+                    {"Authorization": "Basic sk-right"}, {"Authorization": "Bearer sk-rightX"},
+                    {"Authorization": "Bearer sk-righ"}):
         response = await gw.chat(headers=headers)
         assert response.code == 401, headers
         body = await response.content()
@@ -59,8 +62,8 @@ async def test_api_keys_guard_v1_and_never_leak(cleanup: Cleanup) -> None:
     assert "sk-right" not in metrics and "sk-other" not in metrics
     assert (await gw.client.get(gw.url + "/v1/stats")).code == 200
     # refused before its body is read: recorded under model "unknown"
-    assert gw.sample("nexus_requests_total", model="unknown", backend="none", status="401") == 4
-    assert gw.sample("nexus_errors_total", error_type="invalid_request", model="unknown") == 4
+    assert gw.sample("nexus_requests_total", model="unknown", backend="none", status="401") == 6
+    assert gw.sample("nexus_errors_total", error_type="invalid_request", model="unknown") == 6
 
 
 @pytest_twisted.ensureDeferred
@@ -114,9 +117,9 @@ async def test_concurrency_limit_answers_503_with_retry_after(cleanup: Cleanup) 
     mock = start_mock("slow", ["m"], stream_chunks=3, stream_delay_ms=200)
     gw = await start_gateway([mock])
     cleanup += [mock, gw]
-    gw.gateway.api.max_concurrent = 2
+    gw.gateway.admission.max_concurrent = 2
     streams = [Deferred.fromCoroutine(gw.chat(stream=True)) for _ in range(2)]
-    await wait_for(lambda: len(gw.gateway.api.active) == 2, what="two in flight")
+    await wait_for(lambda: len(gw.gateway.admission.active) == 2, what="two in flight")
     response = await gw.chat()
     assert response.code == 503
     assert response.headers.getRawHeaders("retry-after") == ["1"]
@@ -171,8 +174,8 @@ async def test_header_limits_and_slow_loris(cleanup: Cleanup) -> None:
     assert answer.startswith(b"HTTP/1.1 408")
     assert b'"request_timeout"' in answer
     assert gw.sample("nexus_requests_total", model="unknown", backend="none", status="408") == 1
-    # and the gateway still serves
-    assert (await gw.client.get(gw.url + "/health")).code == 200
+    # and the gateway still serves (no backends: unhealthy, 503, but it answers)
+    assert (await gw.client.get(gw.url + "/health")).code == 503
 
 
 @pytest_twisted.ensureDeferred
@@ -226,7 +229,7 @@ async def test_shutdown_lets_requests_in_flight_finish(cleanup: Cleanup) -> None
     cleanup.append(mock)
     service, url = await running_service(mock, grace=10)
     d = stream_request(url)
-    await wait_for(lambda: len(service.gateway.api.active) == 1, what="in flight")
+    await wait_for(lambda: len(service.gateway.admission.active) == 1, what="in flight")
     stopped = service.stopService()
     response = await d
     body = await response.content()
@@ -235,7 +238,7 @@ async def test_shutdown_lets_requests_in_flight_finish(cleanup: Cleanup) -> None
     assert b"error" not in body
     with pytest.raises(ConnectionRefusedError):  # no longer accepting
         await treq.get(url + "/health", persistent=False)
-    registry = service.gateway.collector.prometheus_registry
+    registry = prometheus_registry(service.gateway.collector)
     labels = {"model": "m", "backend": "a", "status": "200"}
     assert registry.get_sample_value("nexus_requests_total", labels) == 1
     assert service.gateway.registry.get("a").pending == 0
@@ -252,7 +255,7 @@ async def test_shutdown_cuts_what_outlives_the_grace_period(cleanup: Cleanup) ->
     await service.stopService()
     with pytest.raises(ResponseFailed):  # cut after the grace period
         await received
-    registry = service.gateway.collector.prometheus_registry
+    registry = prometheus_registry(service.gateway.collector)
     labels = {"model": "m", "backend": "a", "status": "499"}
     assert registry.get_sample_value("nexus_requests_total", labels) == 1
     total = sum(

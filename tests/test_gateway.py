@@ -185,9 +185,10 @@ async def test_forwarding_rules(cleanup: list[Any]) -> None:
     assert "x-private" not in sent["headers"]
     assert sent["body"]["custom_field"] == {"kept": [1, 2]} and sent["body"]["temperature"] == 0.5
     assert response.headers.getRawHeaders("x-nexus-backend") == ["plain"]
-    assert response.headers.getRawHeaders("x-mock-backend") == ["plain"]
-    # the backend's hop-by-hop headers (its "Connection: x-mock-hop") are not relayed
-    assert b"x-mock-hop" not in b",".join(response.headers.getRawHeaders("connection", [b""]))
+    # the headers a backend names in its Connection header ("Connection: x-mock-hop,
+    # x-mock-backend") are hop-by-hop: never relayed; nor is the gateway's Server banner
+    for name in ("x-mock-hop", "x-mock-backend", "server"):
+        assert not response.headers.hasHeader(name), name
     assert not response.headers.hasHeader("x-nexus-fallback-model")
     response = await gw.chat("b", headers={"Authorization": "Bearer client"})
     assert response.code == 200
@@ -235,9 +236,13 @@ async def test_models_and_health_follow_backend_health(cleanup: list[Any]) -> No
 async def test_no_backends_is_unhealthy(cleanup: list[Any]) -> None:
     gw = await start_gateway([BackendConfig(name="down", url="http://127.0.0.1:9")])
     cleanup.append(gw)
-    health = await gw.get_json("/health")
+    # 503 so that load balancers and probes, which read the code, take it out
+    health = await gw.get_json("/health", status=503)
     assert health["status"] == "unhealthy"
     assert health["backends"]["unhealthy"] == 1
+    [down] = health["fleet"]
+    assert down["id"] == "down" and down["status"] == "unhealthy"
+    assert down["last_error"] and down["last_check"].endswith("Z")
 
 
 @pytest_twisted.ensureDeferred
@@ -292,10 +297,50 @@ async def test_a_failing_metrics_recorder_never_fails_the_request(
         calls.append(args)
         raise RuntimeError("metrics bug")
 
-    monkeypatch.setattr(gw.gateway.collector, "record_request", broken)
+    monkeypatch.setattr(gw.gateway.site, "recorder", broken)
     for stream in (False, True):
         response = await gw.chat(stream=stream)
         assert response.code == 200
         assert b"Hello" in await response.content()
     await wait_for(lambda: len(calls) == 2, what="both recordings attempted")
     assert gw.gateway.registry.get("only").pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_the_backend_ends_by_closing_the_connection(cleanup: list[Any]) -> None:
+    # HTTP/1.1 200, Connection: close, no Content-Length nor chunked encoding: the close ends it.
+    mock = start_mock("closer", stream_framing="close")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    response = await gw.chat(stream=True)
+    body = await response.content()
+    assert response.code == 200
+    assert body.count(b"data: [DONE]") == 1 and b'"error"' not in body
+    assert b"Hello" in body
+    assert gw.sample("nexus_requests_total", model="m", backend="closer", status="200") == 1
+    assert gw.sample("nexus_errors_total", error_type="backend_error", model="m") == 0
+    # Closed inside an event: a broken stream, one error event, counted as a backend error.
+    mock.configure(fail="truncated_sse")
+    response = await gw.chat(stream=True)
+    events = (await response.content()).split(b"\n\n")
+    assert response.code == 200
+    assert events[-2] == b"data: [DONE]" and b'"bad_gateway"' in events[-3]
+    assert b"".join(events).count(b"[DONE]") == 1
+    assert gw.sample("nexus_errors_total", error_type="backend_error", model="m") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_time_to_first_token_is_measured_at_the_first_content_event(
+    cleanup: list[Any],
+) -> None:
+    # The headers and a role-only event come at once; the first content 300 ms later.
+    mock = start_mock("thinker", first_token_delay_ms=300)
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    response = await gw.chat(stream=True)
+    assert response.code == 200
+    await response.content()
+    labels = {"model": "m", "backend": "thinker"}
+    assert gw.sample("nexus_time_to_first_token_seconds_count", **labels) == 1
+    assert gw.sample("nexus_time_to_first_token_seconds_bucket", le="0.25", **labels) == 0
+    assert gw.sample("nexus_time_to_first_token_seconds_sum", **labels) >= 0.3

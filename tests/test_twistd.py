@@ -182,3 +182,55 @@ def test_listen_backlog_is_raised_unless_set() -> None:
     assert with_backlog("tcp:8000") == f"tcp:8000:backlog={LISTEN_BACKLOG}"
     assert with_backlog("tcp:8000:backlog=64") == "tcp:8000:backlog=64"
     assert with_backlog("unix:/tmp/nexus.sock") == f"unix:/tmp/nexus.sock:backlog={LISTEN_BACKLOG}"
+
+
+def run_twistd(tmp_path: Path, *args: str) -> tuple[int, str]:
+    result = subprocess.run(
+        [*TWISTD, "--pidfile=", "-n", "nexus", *args],
+        cwd=tmp_path, env=twistd_env(), capture_output=True, timeout=60,
+    )
+    return result.returncode, (result.stdout + result.stderr).decode()
+
+
+def test_bad_listen_and_busy_port_stop_startup_with_one_line(tmp_path: Path) -> None:
+    code, output = run_twistd(tmp_path, "--listen", "nonsense:8000")
+    assert code != 0 and "Traceback" not in output
+    assert output.strip().splitlines() == [
+        "nexus: bad listen description 'nonsense:8000': Unknown endpoint type: 'nonsense'"
+    ]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, output = run_twistd(tmp_path, "--listen", f"tcp:{port}:interface=127.0.0.1")
+    assert code != 0 and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if "nexus:" in line]
+    assert line.endswith(
+        f"nexus: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+    )
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    from nexus import __version__
+
+    code, output = run_twistd(tmp_path, "--version")
+    assert code == 0 and output.startswith(f"nexus {__version__} ")
+    code, output = run_twistd(tmp_path, "--help")
+    assert code == 0
+    assert "default tcp:8000:interface=127.0.0.1" in " ".join(output.split())
+    assert "docs/configuration.md" in output
+
+
+def test_an_exposed_listener_without_keys_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from nexus.service import makeService
+
+    config = write_config(tmp_path, '[[backends]]\nname = "a"\nurl = "http://127.0.0.1:9"\n')
+    makeService({"config": str(config), "listen": "tcp:8000"}, reactor=MemoryReactorClock())
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "api_keys" in warnings[0], warnings
+    makeService({"config": str(config)}, reactor=MemoryReactorClock())  # loopback: quiet
+    assert "warning" not in capsys.readouterr().out

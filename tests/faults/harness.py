@@ -28,7 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from nexus.metrics.labels import sanitize_label
-from nexus.mock import MockBackend
+from nexus.testing import MockBackend
 from nexus.upstream import BytesProducer
 from tests.support import wait_for
 
@@ -154,7 +154,7 @@ class GatewayProcess:
 
         async def backends_healthy() -> bool:
             self.assert_alive()
-            health = await self.get_json("/health")
+            health = await self.health()
             return bool(health["backends"]["healthy"] == healthy)
 
         await wait_for(backends_healthy, timeout=30, what=f"{healthy} healthy backends")
@@ -193,6 +193,13 @@ class GatewayProcess:
         code, body = await self.get(path)
         assert code == 200, (path, code, body)
         return json.loads(body)
+
+    async def health(self) -> Any:
+        """``/health``'s document, whatever its status (503 while no backend is healthy)."""
+        code, body = await self.get("/health")
+        health = json.loads(body)
+        assert code == (503 if health["status"] == "unhealthy" else 200), (code, body)
+        return health
 
     async def metrics(self) -> Metrics:
         code, body = await self.get("/metrics")

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import ensureDeferred, gatherResults
 
-from nexus.mock import MockBackend
+from nexus.testing import MockBackend
 from tests.faults.harness import (
     Backend,
     GatewayProcess,

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from nexus.mock import MockBackend
+from nexus.testing import MockBackend
 from tests.faults.harness import (
     Backend,
     GatewayProcess,

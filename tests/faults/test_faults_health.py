@@ -68,7 +68,7 @@ async def test_flapping_backend_goes_in_and_out_of_rotation(
         good = await chat(gateway, "good")
         assert good.status == 200 and good.backend == "good", good
         tally.add("good", good)
-        health = await gateway.get_json("/health")
+        health = await gateway.health()
         fleet_states.add(health["status"])
         return statuses == {200, 503} and fleet_states == {"healthy", "degraded"}
 
@@ -98,7 +98,7 @@ async def test_default_thresholds_keep_a_flapping_backend_in_rotation(
             seen = await chat(gateway, model, stream=stream)
             assert seen.status == 200, (model, seen.status, seen.body)
             tally.add(model, seen)
-        health = await gateway.get_json("/health")
+        health = await gateway.health()
         assert health["status"] == "healthy", health
         # Ten probes: five of them failed, never three in a row.
         return bool(flappy.stats()["health_checks"] - probes_before >= 10)

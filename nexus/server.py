@@ -1,0 +1,416 @@
+"""The HTTP server layer: site, channel, request limits, and the exchange of each inference request.
+
+Every inference request is one :class:`Exchange`: the server layer creates it
+when the request has arrived, hands it to a handler, writes the outcome the
+handler returns (a :class:`Reply`, or a :class:`Stream` to relay), and closes
+its :class:`~nexus.tracking.RequestRecord` exactly once: when the last byte
+was written, or as 499 when the client left first. Handlers never write to
+the request themselves, so data flows one way: server -> API -> router ->
+proxy -> outcome -> server -> metrics.
+
+Requests refused before they were read (body too large, too slow, malformed)
+are answered here with the contract's JSON errors and, when they were for an
+inference path, recorded too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+
+from nexus._twisted import BadRequestChannel
+from nexus.config import ServerConfig
+from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
+from nexus.tracking import CLIENT_CLOSED, RequestRecord
+
+log = Logger()
+
+#: Raw response headers: (name, values) pairs, applied in order (a later name replaces).
+RawHeaders = Sequence[tuple[bytes, Sequence[bytes]]]
+
+_JSON_TYPE: tuple[bytes, Sequence[bytes]] = (b"content-type", [b"application/json"])
+
+
+@attrs.frozen
+class Reply:
+    """A whole response: status, headers and body, written at once."""
+
+    status: int
+    body: bytes
+    headers: RawHeaders = ()
+    #: The ``nexus_errors_total`` type this answer counts as (None: not an error).
+    error_type: str | None = None
+
+    @classmethod
+    def error(cls, error: GatewayError, headers: RawHeaders = ()) -> Reply:
+        """The contract's JSON error body for ``error``."""
+        own = [(name, [value]) for name, value in error.headers]
+        return cls(error.status, error.to_json(), [_JSON_TYPE, *own, *headers], error.error_type)
+
+
+class StreamBody(Protocol):
+    """A body written as it arrives (an upstream SSE relay)."""
+
+    def write_to(self, consumer: IConsumer) -> Deferred[None]:
+        """Write everything to ``consumer``; fires when the body is complete.
+
+        Cancelling the Deferred (the client left) stops the source at once.
+        """
+
+    def stop(self) -> None:
+        """Drop the body without writing it (the client left before it started)."""
+
+
+@attrs.frozen
+class Stream:
+    """A response whose body is relayed as it comes: status and headers first."""
+
+    status: int
+    headers: RawHeaders
+    body: StreamBody
+
+
+#: What an inference handler returns.
+Outcome = Reply | Stream
+
+#: An inference handler: the exchange in, its outcome out (GatewayError for a failure).
+Handler = Callable[["Exchange"], Awaitable[Outcome]]
+
+#: Receives every finished request's record, once.
+Recorder = Callable[[RequestRecord], None]
+
+
+class Exchange:
+    """One inference request, from its arrival to its record.
+
+    Holds the request, its record and the handler's task; writes the
+    handler's outcome; closes the record once (``close``) and then calls the
+    ``on_close`` callbacks (admission uses them to count requests in flight).
+    """
+
+    __slots__ = ("_task", "gone", "on_close", "record", "request", "site")
+
+    def __init__(self, request: NexusRequest, site: NexusSite) -> None:
+        self.request = request
+        self.site = site
+        self.record = RequestRecord(started=site.now())
+        #: The client went away before the response was finished.
+        self.gone = False
+        self.on_close: list[Callable[[Exchange], None]] = []
+        self._task: Deferred[None] | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The request body (read whole by the server layer, within the size limit)."""
+        content = self.request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        return content.read()
+
+    def header(self, name: bytes) -> list[bytes] | None:
+        """The raw values of request header ``name``, or None."""
+        return self.request.requestHeaders.getRawHeaders(name)  # type: ignore[return-value]
+
+    @property
+    def authorization(self) -> list[bytes] | None:
+        """The raw ``Authorization`` header values."""
+        return self.header(b"authorization")
+
+    def serve(self, handler: Handler) -> None:
+        """Run ``handler`` and write its outcome; cancelled when the client leaves."""
+        self._task = Deferred.fromCoroutine(self._serve(handler))
+
+    async def _serve(self, handler: Handler) -> None:
+        try:
+            outcome = await handler(self)
+        except CancelledError:
+            return  # the client left: nothing to answer, the record says 499
+        except GatewayError as error:
+            outcome = Reply.error(error)
+        except Exception:
+            # A bug must still answer like the contract says and be counted.
+            log.failure("unexpected error serving {path}", path=self.request.path)
+            outcome = Reply(500, GatewayError("Internal gateway error.").to_json(),
+                            [_JSON_TYPE], "other")
+        if self.gone:
+            if isinstance(outcome, Stream):
+                outcome.body.stop()
+            return
+        request = self.request
+        if isinstance(outcome, Reply):
+            if outcome.error_type is not None:
+                self.record.error_type = outcome.error_type
+            request.setResponseCode(outcome.status)
+            _apply(request, outcome.headers)
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(outcome.body)])
+            request.write(outcome.body)
+            request.finish()
+            return
+        request.setResponseCode(outcome.status)
+        _apply(request, outcome.headers)
+        try:
+            await outcome.body.write_to(request)
+        except CancelledError:
+            return
+        except Exception:
+            log.failure("relaying a stream failed")
+        if not self.gone:
+            request.finish()
+
+    def close(self, status: int) -> None:
+        """The response is over: write the record once, then run ``on_close``."""
+        if not self.record.finish(status, self.site.now()):
+            return
+        try:
+            self.site.recorder(self.record)
+        except Exception:
+            log.failure("recording a request failed")
+        for callback in self.on_close:
+            callback(self)
+
+    def lost(self) -> None:
+        """The client went away before the last byte: recorded as 499, handler cancelled."""
+        self.gone = True
+        record = self.record
+        if not record.finished:
+            record.client_gone = True
+            record.error_type = "client_disconnect"
+            self.close(CLIENT_CLOSED)
+        task = self._task
+        if task is not None and not task.called:
+            task.cancel()
+
+    def abort(self) -> bool:
+        """Cut the client's connection (shutdown after the grace period); False if gone."""
+        channel = self.request.channel
+        transport = channel.transport if channel is not None else None
+        if transport is None:
+            return False
+        transport.abortConnection()  # type: ignore[attr-defined]
+        return True
+
+
+def _apply(request: Request, headers: RawHeaders) -> None:
+    set_header = request.responseHeaders.setRawHeaders
+    for name, values in headers:
+        set_header(name, values)
+
+
+def error_response(request: Request, error: GatewayError) -> bytes:
+    """Set ``error``'s status and headers on ``request``; return its JSON body."""
+    body = error.to_json()
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in error.headers:
+        request.setHeader(name, value)
+    return body
+
+
+class NexusRequest(Request):
+    """A request with the gateway's limits, and the exchange it carries when it is an inference.
+
+    As soon as the declared length (or, for a chunked body, the bytes received
+    so far) exceeds ``site.max_body_bytes``, the gateway answers 413 and closes
+    the connection instead of buffering the rest. A request whose headers and
+    body have not all arrived within ``site.request_timeout`` (a slow-loris
+    client) gets 408 and is closed.
+    """
+
+    channel: NexusChannel
+    _rejected = False
+    _received = 0
+    #: Set by ``begin_exchange`` for an inference request.
+    exchange: Exchange | None = None
+
+    def __init__(self, channel: NexusChannel, *args: Any, **kwargs: Any) -> None:
+        # The gateway never reads form posts: skip Twisted's Content-Type parsing of every POST.
+        super().__init__(channel, *args, parsePOSTFormSubmission=False, **kwargs)
+        self.nexus_site = channel.site
+        self._read_deadline: IDelayedCall = self.nexus_site.reactor.callLater(
+            self.nexus_site.request_timeout, self._too_slow
+        )
+
+    def begin_exchange(self) -> Exchange:
+        """Start the exchange of this inference request (its record starts now)."""
+        exchange = self.exchange = Exchange(self, self.nexus_site)
+        return exchange
+
+    def render(self, resrc: Any) -> None:
+        # No "Server: TwistedWeb/<version>" (set by Request.process): it only helps attackers.
+        self.responseHeaders.removeHeader(b"server")
+        super().render(resrc)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.nexus_site.max_body_bytes:
+            self._reject_too_large()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self.nexus_site.max_body_bytes:
+            self._reject_too_large()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_read_deadline()
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def finish(self) -> None:
+        super().finish()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.close(self.code)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_read_deadline()
+        super().connectionLost(reason)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.lost()
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline.active():
+            self._read_deadline.cancel()
+
+    def _reject_too_large(self) -> None:
+        limit = self.nexus_site.max_body_bytes
+        self._reject(413, b"Payload Too Large",
+                     PayloadTooLarge(f"The request body exceeds {limit} bytes."))
+
+    def _too_slow(self) -> None:
+        self._reject(408, b"Request Timeout",
+                     RequestTimeout("The request was not received in time."))
+
+    def _reject(self, status: int, phrase: bytes, error: GatewayError) -> None:
+        """Answer before the request was read, close the connection, count it."""
+        if self._rejected:
+            return
+        self._rejected = True
+        self._cancel_read_deadline()
+        self.channel.refuse(status, phrase, error)
+
+
+#: How long a refused client may go on sending before its connection is cut.
+LINGER_SECONDS = 2.0
+
+
+class NexusChannel(BadRequestChannel):
+    """HTTP/1.1 channel whose early refusals are OpenAI-style errors, counted when due."""
+
+    site: NexusSite  # set by Site.buildProtocol
+    _refusing = False
+    _linger: IDelayedCall | None = None
+
+    def bad_request(self) -> None:
+        self.refuse(400, b"Bad Request", InvalidRequest(
+            "Malformed request, or request line and headers over the size or count limit."
+        ))
+
+    def refuse(self, status: int, phrase: bytes, error: GatewayError) -> None:
+        """Answer a request the gateway will not read, count it, close the connection.
+
+        What the client is still sending is read and dropped until it closes or
+        LINGER_SECONDS pass: closing a socket with unread bytes makes the kernel
+        send a reset, which can destroy the answer before the client reads it.
+        """
+        transport = self.transport
+        if transport is None or self._refusing:
+            return
+        self._refusing = True
+        body = error.to_json()
+        transport.write(
+            b"HTTP/1.1 %d %s\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+        )
+        self.setTimeout(None)
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self._linger = self.site.reactor.callLater(
+            LINGER_SECONDS, transport.abortConnection  # type: ignore[attr-defined]
+        )
+        self.site.record_refused(self.pending_path(), status, error.error_type)
+
+    # Once refused, whatever the client still sends (more lines in the same read
+    # included) is read and dropped.
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refusing:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refusing:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refusing:
+            super().rawDataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
+class NexusSite(Site):
+    """The gateway's site: request limits, the recorder of inference requests, no access log."""
+
+    requestFactory = NexusRequest
+    # A plain HTTP/1.1 channel: the gateway speaks no TLS, so no HTTP/2 negotiation wrapper.
+    protocol = NexusChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: Any,
+        server: ServerConfig,
+        recorder: Recorder,
+        inference_paths: frozenset[bytes],
+        now: Callable[[], float],
+        reactor: Any,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, timeout=server.idle_timeout_seconds)
+        self.max_body_bytes = server.max_body_bytes
+        self.request_timeout = server.request_timeout_seconds
+        self.max_headers = server.max_headers
+        self.max_header_bytes = server.max_header_bytes
+        self.recorder = recorder
+        self.inference_paths = inference_paths
+        self.now = now
+        self.noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_header_bytes
+        channel.MAX_LENGTH = self.max_header_bytes
+        return channel
+
+    def record_refused(self, path: bytes, status: int, error_type: str) -> None:
+        """Count an inference request answered before it reached a handler."""
+        if path not in self.inference_paths:
+            return
+        record = RequestRecord(started=self.now(), error_type=error_type)
+        record.finish(status, self.now())
+        try:
+            self.recorder(record)
+        except Exception:
+            log.failure("recording a request failed")
+
+    def log(self, request: Any) -> None:
+        """No per-request access log: metrics count requests, logs stay quiet."""

@@ -1,0 +1,227 @@
+"""The server layer and the exchange in memory: a real NexusSite on a StringTransport, a Clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from nexus.config import ServerConfig
+from nexus.errors import Unauthorized
+from nexus.server import Exchange, Handler, NexusSite, Reply, Stream
+from nexus.tracking import RequestRecord
+
+PATH = b"/v1/chat/completions"
+
+
+class _Root(Resource):
+    isLeaf = True
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def render(self, request: Any) -> object:
+        if request.path == PATH:
+            request.begin_exchange().serve(self.handler)
+            return NOT_DONE_YET
+        return b"other"
+
+
+class _TCPTransport(StringTransport):
+    """A StringTransport that can half-close, like a TCP transport."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class Served:
+    """One connection to a site serving ``handler``; what was recorded."""
+
+    def __init__(self, handler: Handler, **server: Any) -> None:
+        self.clock = Clock()
+        self.records: list[RequestRecord] = []
+        config = ServerConfig(**server)
+        self.site = NexusSite(
+            _Root(handler), config, self.records.append, frozenset({PATH}),
+            now=self.clock.seconds, reactor=self.clock,
+        )
+        self.channel = self.site.buildProtocol(None)
+        self.transport = _TCPTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def post(self, body: bytes = b"{}", path: bytes = PATH, extra: bytes = b"") -> None:
+        self.send(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path, len(body), extra, body)
+        )
+
+    def response(self) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        pairs = (line.split(b": ", 1) for line in lines)
+        headers = {name.lower(): value for name, value in pairs}
+        return status, headers, body
+
+    def leave(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_reply_is_written_and_recorded_once() -> None:
+    seen: list[Exchange] = []
+
+    async def handler(exchange: Exchange) -> Reply:
+        seen.append(exchange)
+        exchange.record.model = json.loads(exchange.body)["model"]
+        return Reply(201, b'{"ok": true}', [(b"x-nexus-backend", [b"a"])])
+
+    served = Served(handler)
+    served.clock.advance(0.25)
+    served.post(b'{"model": "m"}', extra=b"Authorization: Bearer k\r\n")
+    status, headers, body = served.response()
+    assert status == b"HTTP/1.1 201 Created"
+    assert headers[b"x-nexus-backend"] == b"a" and headers[b"content-length"] == b"12"
+    assert b"server" not in headers  # no "Server: TwistedWeb/<version>"
+    assert body == b'{"ok": true}'
+    assert seen[0].authorization == [b"Bearer k"]
+    [record] = served.records
+    assert (record.model, record.status, record.error_type) == ("m", 201, None)
+    served.leave()  # the connection closing later changes nothing
+    assert len(served.records) == 1
+
+
+def test_errors_become_the_contract_s_json_errors() -> None:
+    async def refuse(exchange: Exchange) -> Reply:
+        raise Unauthorized("no key")
+
+    served = Served(refuse)
+    served.post()
+    status, headers, body = served.response()
+    assert status.startswith(b"HTTP/1.1 401")
+    assert headers[b"www-authenticate"] == b"Bearer"
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert served.records[0].error_type == "invalid_request"
+
+    async def broken(exchange: Exchange) -> Reply:
+        raise RuntimeError("a bug")
+
+    served = Served(broken)
+    served.post()
+    status, _, body = served.response()
+    assert status.startswith(b"HTTP/1.1 500")
+    assert json.loads(body)["error"]["message"] == "Internal gateway error."
+    assert (served.records[0].status, served.records[0].error_type) == (500, "other")
+
+
+class _Body:
+    def __init__(self) -> None:
+        self.consumer: IConsumer | None = None
+        self.done: Deferred[None] = Deferred()
+        self.stopped = False
+
+    def write_to(self, consumer: IConsumer) -> Deferred[None]:
+        self.consumer = consumer
+        consumer.write(b"data: 1\n\n")
+        return self.done
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_stream_is_written_as_it_comes_and_recorded_when_it_ends() -> None:
+    body = _Body()
+
+    async def handler(exchange: Exchange) -> Stream:
+        return Stream(200, [(b"content-type", [b"text/event-stream"])], body)
+
+    served = Served(handler)
+    served.post()
+    assert b"data: 1" in served.transport.value()
+    assert served.records == []  # not over yet
+    assert body.consumer is not None
+    body.consumer.write(b"data: 2\n\n")
+    body.done.callback(None)
+    assert served.transport.value().endswith(b"0\r\n\r\n")  # chunked body ended
+    assert served.records[0].status == 200
+
+
+def test_a_client_leaving_cancels_the_handler_and_is_recorded_as_499() -> None:
+    waiting: Deferred[Reply] = Deferred()
+    cancelled: list[bool] = []
+
+    async def handler(exchange: Exchange) -> Reply:
+        try:
+            return await waiting
+        except CancelledError:
+            cancelled.append(True)
+            raise
+
+    served = Served(handler)
+    served.post()
+    served.clock.advance(1.5)
+    served.leave()
+    assert cancelled == [True]
+    [record] = served.records
+    assert (record.status, record.error_type, record.duration) == (499, "client_disconnect", 1.5)
+
+
+def test_a_client_leaving_mid_stream_cancels_the_stream() -> None:
+    body = _Body()
+    served = Served(lambda exchange: succeed(Stream(200, [], body)))  # type: ignore[arg-type,return-value]
+    served.post()
+    served.leave()
+    assert body.done.called  # cancelled
+    body.done.addErrback(lambda f: f.trap(CancelledError))
+    assert [r.status for r in served.records] == [499]
+
+
+def _never(exchange: Exchange) -> Deferred[Reply]:
+    raise AssertionError("a refused request never reaches its handler")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_and_counted() -> None:
+    served = Served(_never, max_body_bytes=10)
+    served.send(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" % PATH)
+    status, headers, body = served.response()
+    assert status == b"HTTP/1.1 413 Payload Too Large" and headers[b"connection"] == b"close"
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    assert [(r.status, r.error_type) for r in served.records] == [(413, "invalid_request")]
+    served.send(b"x" * 100)  # the rest is read and dropped
+    assert served.transport.value().count(b"HTTP/1.1") == 1
+
+    other = Served(_never, max_body_bytes=10)
+    other.send(b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert other.response()[0].startswith(b"HTTP/1.1 413")
+    assert other.records == []  # not an inference path: not counted
+
+
+def test_a_slow_client_gets_408_and_a_malformed_request_400() -> None:
+    served = Served(_never, request_timeout_seconds=3)
+    served.send(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab" % PATH)
+    served.clock.advance(3)
+    assert served.response()[0] == b"HTTP/1.1 408 Request Timeout"
+    assert [(r.status, r.error_type) for r in served.records] == [(408, "invalid_request")]
+    assert served.transport.write_closed and not served.transport.disconnecting
+    served.clock.advance(2)  # the linger is over: the connection is cut
+    assert served.transport.disconnecting
+
+    served = Served(_never)
+    served.send(b"NONSENSE\r\n\r\n")
+    status, _, body = served.response()
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+

@@ -1,0 +1,88 @@
+"""Pins every private part of Twisted that ``nexus._twisted`` relies on.
+
+When a Twisted upgrade renames or changes one of them, a test here fails and
+names it, instead of the gateway quietly misbehaving.
+"""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http import HTTPChannel
+
+from nexus._twisted import (
+    BadRequestChannel,
+    ClientProtocol,
+    QuietPool,
+    connection_header_names,
+)
+from nexus.upstream import read_body
+from tests.support import Cleanup, start_mock
+
+
+def test_the_private_names_still_exist() -> None:
+    assert callable(HTTPChannel._respondToBadRequestAndDisconnect)
+    assert callable(HTTPConnectionPool._putConnection)
+    assert HTTPConnectionPool._factory is _HTTP11ClientFactory
+    factory = _HTTP11ClientFactory(lambda protocol: None, "key")
+    assert callable(factory._quiescentCallback)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_uses_our_protocol_keeps_connection_names_and_reuses_connections(
+    cleanup: Cleanup,
+) -> None:
+    mock = start_mock("hop")  # answers with "Connection: x-mock-hop" and an x-mock-hop header
+    cleanup.append(mock)
+    pool = QuietPool(reactor, persistent=True)
+    agent = Agent(reactor, pool=pool)
+    response = await agent.request(b"GET", (mock.url + "/v1/models").encode())
+    assert b"x-mock-hop" in connection_header_names(response)
+    assert response.headers.hasHeader(b"x-mock-hop")  # Twisted shows the header itself ...
+    assert not response.headers.hasHeader(b"connection")  # ... but never Connection
+    assert await read_body(response)
+    [connections] = pool._connections.values()  # _putConnection kept it
+    assert isinstance(connections[0], ClientProtocol)
+    await pool.closeCachedConnections()
+
+
+def test_pool_never_keeps_a_connection_that_is_closing() -> None:
+    pool = QuietPool(reactor, persistent=True)
+
+    class Closing:
+        transport = StringTransport()
+
+    Closing.transport.disconnecting = True
+    pool._putConnection(("http", b"h", 1), Closing())
+    assert pool._connections == {}
+
+
+def test_channel_hooks_reach_bad_request() -> None:
+    called: list[str] = []
+
+    class Channel(BadRequestChannel):
+        def bad_request(self) -> None:
+            called.append("bad")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    channel = Channel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"NONSENSE\r\n\r\n")  # an unparsable request line
+    assert called == ["bad"]
+
+    channel = Channel()
+    channel.MAX_LENGTH = 100
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET /" + b"a" * 200)  # a line too long
+    assert called == ["bad", "bad"]
+
+
+def test_pending_path_is_known_before_the_body_arrives() -> None:
+    channel = BadRequestChannel()
+    channel.makeConnection(StringTransport())
+    assert channel.pending_path() == b""
+    channel.dataReceived(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    assert channel.pending_path() == b"/v1/chat/completions"
+
