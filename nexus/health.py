@@ -23,6 +23,7 @@ from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 
 from nexus.config import HealthCheckConfig
 from nexus.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend, BackendRegistry
+from nexus.upstream import backend_authorization
 
 log = Logger()
 
@@ -47,9 +48,8 @@ def _models_from_ollama(payload: Any) -> list[str]:
 
 def auth_headers(backend: Backend, environ: Mapping[str, str]) -> dict[bytes, list[bytes]]:
     """The bearer header for a backend with its own ``api_key_env``, else nothing."""
-    env = backend.config.api_key_env
-    key = environ.get(env) if env else None
-    return {b"Authorization": [b"Bearer " + key.encode("latin-1")]} if key else {}
+    authorization = backend_authorization(backend.config, environ)
+    return {b"Authorization": [authorization]} if authorization else {}
 
 
 class HealthPoller:
@@ -77,11 +77,17 @@ class HealthPoller:
         self.record_latency = record_latency
         self.environ = environ
         self.wall_clock = wall_clock
+        #: Fires once the first round of checks is over (the fleet's models are known).
+        self.first_round: Deferred[None] = Deferred()
 
     def check_all(self) -> Deferred[None]:
         """Probe every current backend concurrently; fires when all are done."""
         probes = [ensureDeferred(self.check(b)) for b in self.registry.backends]
-        return DeferredList(probes, consumeErrors=True).addCallback(lambda _: None)
+        return DeferredList(probes, consumeErrors=True).addCallback(self._round_over)
+
+    def _round_over(self, _: object) -> None:
+        if not self.first_round.called:
+            self.first_round.callback(None)
 
     async def check(self, backend: Backend) -> None:
         """Probe one backend and apply the result to its status.

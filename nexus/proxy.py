@@ -27,7 +27,6 @@ from twisted.web.iweb import IResponse
 
 from nexus import sse
 from nexus._twisted import connection_header_names
-from nexus.config import BackendConfig
 from nexus.errors import (
     BadGateway,
     GatewayError,
@@ -46,6 +45,7 @@ from nexus.upstream import (
     Deadline,
     UpstreamClient,
     UpstreamTimeout,
+    backend_authorization,
     discard_body,
     read_body,
 )
@@ -279,13 +279,6 @@ class _Target:
             headers.setRawHeaders(b"authorization", [authorization])
         backend_header = (b"x-nexus-backend", [backend.name.encode("utf-8")])
         return cls(url, headers, authorization is not None, backend_header)
-
-
-def backend_authorization(config: BackendConfig, environ: Mapping[str, str]) -> bytes | None:
-    """The ``Authorization`` value for a backend with its own key (``api_key_env``), or None."""
-    env = config.api_key_env
-    key = environ.get(env) if env else None
-    return b"Bearer " + key.encode("latin-1") if key else None
 
 
 class _Lease:

@@ -15,7 +15,7 @@ from operator import attrgetter
 
 import attrs
 
-from nexus.config import STRATEGIES, RoutingConfig, Weights
+from nexus.config import MAX_ALIAS_HOPS, STRATEGIES, RoutingConfig, Weights
 from nexus.errors import InvalidRequest, ModelNotFound, NoHealthyBackend
 from nexus.registry import Backend, BackendRegistry
 
@@ -92,6 +92,27 @@ def resolve_alias(model: str, registry: BackendRegistry) -> str:
     The registry decides (:meth:`BackendRegistry.resolve_alias`).
     """
     return registry.resolve_alias(model)
+
+
+def unserved_targets(registry: BackendRegistry) -> list[str]:
+    """One line per alias or fallback target that no backend lists, for a start-up warning.
+
+    "Lists" means discovered or named in a backend's ``models`` floor, healthy or
+    not: such a target can never serve, which is almost always a typo.
+    """
+    listed = registry.by_model
+    problems = []
+    for alias in sorted(registry.aliases):
+        target = alias
+        for _ in range(MAX_ALIAS_HOPS):
+            target = registry.aliases.get(target, target)
+        if target not in listed:
+            problems.append(f"alias {alias!r} leads to {target!r}, which no backend lists")
+    for model, chain in sorted(registry.fallbacks.items()):
+        for fallback in chain:
+            if fallback not in listed and fallback not in registry.aliases:
+                problems.append(f"fallback {fallback!r} of {model!r} is a model no backend lists")
+    return problems
 
 
 def score(backend: Backend, weights: Weights) -> float:

@@ -35,7 +35,7 @@ from nexus.health import HealthPoller, HealthService
 from nexus.metrics import MetricsCollector
 from nexus.proxy import ChatCompletions
 from nexus.registry import HEALTHY, BackendRegistry
-from nexus.routing import Router
+from nexus.routing import Router, unserved_targets
 from nexus.server import NexusSite
 from nexus.testing import MockBackend, MockSettings, listen_mock
 from nexus.upstream import UpstreamClient
@@ -235,6 +235,15 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.reactor.callWhenRunning(_freeze_startup_objects)
+        if self.gateway.config.health_check.enabled:
+            # The fleet's models are known once the first round of checks is over.
+            self.gateway.poller.first_round.addCallback(lambda _: self._warn_unserved())
+        else:
+            self._warn_unserved()
+
+    def _warn_unserved(self) -> None:
+        for problem in unserved_targets(self.gateway.registry):
+            log.warn("routing: {problem}", problem=problem)
 
     async def _stop(self) -> None:
         admission = self.gateway.admission

@@ -9,6 +9,7 @@ the same pool.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from treq.client import HTTPClient
@@ -35,6 +36,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from zope.interface import implementer
 
 from nexus._twisted import QuietPool
+from nexus.config import BackendConfig
 
 #: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
 #: connections under any concurrency.
@@ -112,6 +114,17 @@ class CachedEndpoints:
                 raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
             self._cache[key] = endpoint
         return endpoint
+
+
+def backend_authorization(config: BackendConfig, environ: Mapping[str, str]) -> bytes | None:
+    """The ``Authorization`` value for a backend with its own key (``api_key_env``), or None.
+
+    The one place a backend's bearer header is built: the proxy sends it instead of
+    the client's key, the health poller with every probe.
+    """
+    env = config.api_key_env
+    key = environ.get(env) if env else None
+    return b"Bearer " + key.encode("latin-1") if key else None
 
 
 class UpstreamClient(Service):
