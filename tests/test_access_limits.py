@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,15 @@ from nexus.access import AccessPolicy
 from nexus.config import BackendConfig, Config, HealthCheckConfig, ServerConfig
 from nexus.service import GatewayService, build_gateway
 from tests.prometheus_bridge import prometheus_registry
-from tests.support import Cleanup, start_gateway, start_mock, wait_for
-
-
-@pytest_twisted.async_yield_fixture
-async def cleanup() -> Any:
-    items = Cleanup()
-    yield items
-    await items.stop_all()
+from tests.support import (
+    Cleanup,
+    deadline,
+    free_port,
+    http_client,
+    start_gateway,
+    start_mock,
+    wait_for,
+)
 
 
 def with_policy(gw: Any, **kwargs: Any) -> None:
@@ -134,15 +134,22 @@ async def test_concurrency_limit_answers_503_with_retry_after(cleanup: Cleanup) 
 
 
 class RawClient(Protocol):
+    """Raw bytes out; ``closed`` fires with all that came back once the server closed."""
+
     def __init__(self) -> None:
         self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
+        self.closed: Deferred[bytes] = deadline(Deferred(self._abort), what="the raw answer")
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
     def connectionLost(self, reason: Any) -> None:
-        self.closed.callback(self.data)
+        if not self.closed.called:
+            self.closed.callback(self.data)
+
+    def _abort(self, _: Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 async def raw(gw: Any, payload: bytes) -> RawClient:
@@ -193,12 +200,6 @@ async def test_chunked_body_over_the_limit_is_refused(cleanup: Cleanup) -> None:
     assert gw.sample("nexus_requests_total", model="unknown", backend="none", status="413") == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def running_service(mock: Any, grace: float) -> tuple[GatewayService, str]:
     port = free_port()
     config = Config(
@@ -216,10 +217,9 @@ async def running_service(mock: Any, grace: float) -> tuple[GatewayService, str]
 
 
 def stream_request(url: str) -> Deferred[Any]:
-    return treq.post(
+    return http_client().post(
         url + "/v1/chat/completions",
         data=json.dumps({"model": "m", "messages": [], "stream": True}).encode(),
-        persistent=False,
     )
 
 
@@ -237,7 +237,7 @@ async def test_shutdown_lets_requests_in_flight_finish(cleanup: Cleanup) -> None
     assert response.code == 200 and body.endswith(b"data: [DONE]\n\n")
     assert b"error" not in body
     with pytest.raises(ConnectionRefusedError):  # no longer accepting
-        await treq.get(url + "/health", persistent=False)
+        await http_client().get(url + "/health")
     registry = prometheus_registry(service.gateway.collector)
     labels = {"model": "m", "backend": "a", "status": "200"}
     assert registry.get_sample_value("nexus_requests_total", labels) == 1

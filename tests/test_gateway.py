@@ -11,14 +11,7 @@ import treq
 from twisted.internet.threads import deferToThread
 
 from nexus.config import BackendConfig
-from tests.support import Cleanup, start_gateway, start_mock, wait_for
-
-
-@pytest_twisted.async_yield_fixture
-async def cleanup() -> Any:
-    items = Cleanup()
-    yield items
-    await items.stop_all()
+from tests.support import CLIENT_DEADLINE, start_gateway, start_mock, wait_for
 
 
 async def error_of(response: Any) -> dict[str, Any]:
@@ -35,7 +28,9 @@ async def test_openai_client_non_streaming_and_streaming(cleanup: list[Any]) -> 
     cleanup += [mock, gw]
 
     def use_client() -> tuple[Any, list[str]]:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0)
+        client = openai.OpenAI(
+            base_url=gw.url + "/v1", api_key="client-key", max_retries=0, timeout=CLIENT_DEADLINE
+        )
         with client:
             answer = client.chat.completions.create(
                 model="llama3:8b", messages=[{"role": "user", "content": "hi"}]

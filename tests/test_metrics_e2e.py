@@ -19,7 +19,6 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import (
     Deferred,
@@ -31,26 +30,26 @@ from twisted.internet.defer import (
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from nexus.config import RoutingConfig
 from nexus.metrics import sanitize_label
 from nexus.testing import MockBackend, MockSettings
 from tests.prometheus_bridge import prometheus_registry
-from tests.support import Cleanup, RunningGateway, start_gateway, start_mock, wait_for
+from tests.support import (
+    RunningGateway,
+    http_client,
+    served_by,
+    start_gateway,
+    start_mock,
+    wait_for,
+)
 from tests.test_metrics_support import validate_stats
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DONE = b"data: [DONE]\n\n"
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
-
-
-@pytest_twisted.async_yield_fixture
-async def cleanup() -> Any:
-    items = Cleanup()
-    yield items
-    await items.stop_all()
 
 
 # -- reading the numbers -----------------------------------------------------------------------
@@ -161,10 +160,6 @@ async def post_raw(gw: RunningGateway, body: bytes) -> Any:
 
 async def answer(response: Any) -> bytes:
     return bytes(await response.content())
-
-
-def served_by(response: Any) -> str:
-    return str(response.headers.getRawHeaders("x-nexus-backend")[0])
 
 
 # -- the scripted mix --------------------------------------------------------------------------
@@ -472,7 +467,7 @@ async def test_a_thousand_concurrent_requests_are_counted_exactly(cleanup: list[
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = in_flight
     pool.retryAutomatically = False  # a retried POST would be counted twice
-    client = HTTPClient(Agent(reactor, pool=pool))
+    client = http_client(pool)
     cleanup.append(_PoolCloser(pool))
     limit = DeferredSemaphore(in_flight)
     served: Counter[str] = Counter()

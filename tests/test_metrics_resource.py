@@ -12,7 +12,6 @@ import treq
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -24,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from nexus.metrics import MetricsCollector, MetricsResource, StatsResource
+from tests.support import DeadlineAgent, http_client
 from tests.test_metrics_support import (
     expected_scenario,
     make_collector,
@@ -229,11 +229,12 @@ async def test_a_real_site_on_localhost(collector: MetricsCollector) -> None:
     port = reactor.listenTCP(0, Site(_root(collector)), interface="127.0.0.1")
     url = f"http://127.0.0.1:{port.getHost().port}"
     # Agents with the default non-persistent pool: no connection outlives the test.
-    client = HTTPClient(Agent(reactor))
+    client = http_client()
     try:
         # Like Prometheus: a plain Agent, so the gzip body is seen as sent.
         headers = Headers({"Accept": [PROMETHEUS_3], "Accept-Encoding": ["gzip"]})
-        response = await Agent(reactor).request(b"GET", f"{url}/metrics".encode(), headers)
+        agent = DeadlineAgent(Agent(reactor))
+        response = await agent.request(b"GET", f"{url}/metrics".encode(), headers)
         body = await treq.content(response)
         assert response.code == 200
         assert response.headers.getRawHeaders("content-type") == [OPENMETRICS]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from treq.client import HTTPClient
 from twisted.internet import protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,9 +26,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
-import nexus.testing
 from nexus.testing import (
     FAIL_MODES,
     HUGE_LENGTH,
@@ -43,22 +40,13 @@ from nexus.testing import (
     makeService,
     stream_pieces,
 )
+from tests.support import CLIENT_DEADLINE, TWISTD, deadline, http_client, twistd_env, wait_for
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
-REPO = Path(nexus.testing.__file__).resolve().parents[2]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``condition`` every 5 ms; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 def mock_timers() -> list[Any]:
@@ -98,12 +86,12 @@ class Body(protocol.Protocol):
 
 
 class Client:
-    """treq against one mock, on a non-persistent pool so nothing outlives the test."""
+    """treq against one mock (with deadlines), on a non-persistent pool unless asked."""
 
     def __init__(self, backend: MockBackend, persistent: bool = False) -> None:
         self.backend = backend
         self.pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+        self.http = http_client(self.pool)
 
     def post(
         self, path: str, body: Any, headers: dict[str, str] | None = None, **kw: Any
@@ -191,7 +179,9 @@ async def test_the_openai_client_understands_the_mock(start: Any) -> None:
     backend, _ = start(name="gamma", models=["m"], stream_chunks=3)
 
     def talk() -> tuple[Any, list[Any], list[str]]:
-        client = openai.OpenAI(base_url=backend.url + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(
+            base_url=backend.url + "/v1", api_key="k", max_retries=0, timeout=CLIENT_DEADLINE
+        )
         try:
             answer = client.chat.completions.create(model="m", messages=MESSAGES)
             stream = client.chat.completions.create(
@@ -255,7 +245,7 @@ async def test_hop_by_hop_header_on_the_wire_keeps_connection_close(start: Any) 
     )
     wire = Wire(request)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", backend.port.getHost().port)
-    await connectProtocol(endpoint, wire)
+    await deadline(connectProtocol(endpoint, wire), what="connecting")
     await wire.closed.addTimeout(5, reactor)  # the server closes, as the client asked
     head = wire.received.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
     assert head[0] == b"http/1.1 200 ok"
@@ -726,7 +716,7 @@ async def exchange(backend: MockBackend, request: bytes) -> tuple[list[bytes], b
     closes the connection."""
     wire = Wire(request)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", backend.port.getHost().port)
-    await connectProtocol(endpoint, wire)
+    await deadline(connectProtocol(endpoint, wire), what="connecting")
     await wire.closed.addTimeout(5, reactor)
     head, body = wire.received.split(b"\r\n\r\n", 1)
     return head.split(b"\r\n"), body
@@ -1024,18 +1014,14 @@ class Twistd(protocol.ProcessProtocol):
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_plugin_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    twistd = Path(sys.executable).with_name("twistd")
-    # The editable install hides twisted/plugins/ from Twisted's plugin scan (it only looks in
-    # sys.path directories), so the repository root goes on PYTHONPATH, as `make run` does.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [str(twistd), "--pidfile=", "-n", "nexus-mock", "--port", "0",
+    # twistd_env(): the repository root on PYTHONPATH, where Twisted finds twisted/plugins/.
+    args = [*TWISTD, "--pidfile=", "-n", "nexus-mock", "--port", "0",
             "--name", "proc", "--models", "p1,p2", "--type", "ollama"]  # fmt: skip
     watcher = Twistd()
-    process = reactor.spawnProcess(watcher, str(twistd), args, env=env, path=str(tmp_path))
+    process = reactor.spawnProcess(watcher, TWISTD[0], args, env=twistd_env(), path=str(tmp_path))
     try:
         url = await watcher.url.addTimeout(10, reactor)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        http = HTTPClient(Agent(reactor, pool=pool))
+        http = http_client()
         body = json.dumps({"model": "p2", "messages": MESSAGES}).encode()
         response = await http.post(url + CHAT, data=body)
         assert response.code == 200

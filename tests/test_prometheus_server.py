@@ -9,35 +9,23 @@ scrape interval, and must see exactly the requests that were sent.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-import treq
 
-from tests.support import start_mock, wait_for
+from tests.support import ROOT, TWISTD, free_port, http_client, start_mock, twistd_env, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRAPE_CONFIG = ROOT / "docs" / "prometheus" / "nexus.yml"
 ALERTS = ROOT / "docs" / "prometheus" / "alerts.yml"
-TWISTD = str(Path(sys.executable).parent / "twistd")
 
 SUCCESSES = 21
 UNKNOWN_MODEL = 4
 N = SUCCESSES + UNKNOWN_MODEL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prometheus_binary() -> str:
@@ -85,7 +73,7 @@ async def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def get_json(url: str, **params: str) -> Any:
-    response = await treq.get(url, params=params or None, persistent=False)
+    response = await http_client().get(url, params=params or None)
     body = await response.content()
     assert response.code == 200, (url, response.code, body[:500])
     return json.loads(body)
@@ -108,19 +96,18 @@ name = "real"
 url = "{mock.url}"
 """
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     gateway_log = (tmp_path / "twistd.log").open("wb")
     gateway = subprocess.Popen(
-        [TWISTD, "--pidfile=", "-n", "nexus", "--config", str(config)],
+        [*TWISTD, "--pidfile=", "-n", "nexus", "--config", str(config)],
         cwd=tmp_path,
-        env=env,
+        env=twistd_env(),
         stdout=gateway_log,
         stderr=subprocess.STDOUT,
     )
     prom_process: subprocess.Popen[bytes] | None = None
     prom_log = (tmp_path / "prometheus.log").open("wb")
     gateway_url = f"http://127.0.0.1:{gateway_port}"
+    client = http_client()
 
     def logs() -> str:
         gateway_log.flush()
@@ -134,7 +121,7 @@ url = "{mock.url}"
         async def healthy() -> bool:
             assert gateway.poll() is None, logs()
             try:
-                response = await treq.get(gateway_url + "/health", persistent=False)
+                response = await client.get(gateway_url + "/health")
             except Exception:
                 return False
             return bool(json.loads(await response.content())["status"] == "healthy")
@@ -143,11 +130,10 @@ url = "{mock.url}"
 
         for i in range(N):
             model = "llama3:8b" if i % 7 else "no-such-model"  # 0, 7, 14, 21: unknown
-            response = await treq.post(
+            response = await client.post(
                 gateway_url + "/v1/chat/completions",
                 data=json.dumps({"model": model, "messages": []}).encode(),
                 headers={"Content-Type": "application/json"},
-                persistent=False,
             )
             await response.content()
             assert response.code == (200 if model == "llama3:8b" else 404)

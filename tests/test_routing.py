@@ -28,6 +28,7 @@ from nexus.routing import (
     request_needs,
     resolve_alias,
     score,
+    unserved_targets,
 )
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -649,3 +650,21 @@ def test_priority_only_orders_by_priority(registry: BackendRegistry) -> None:
     decision = router(registry, "priority_only").decide("m3")
     keys = [(b.priority, b.name) for b in decision.candidates]
     assert keys == sorted(keys)
+
+
+# -- start-up warnings --------------------------------------------------------------------------
+
+
+def test_unserved_alias_and_fallback_targets_are_named() -> None:
+    registry = fleet(
+        cfg("a", ["llama3:70b", "mistral:7b"]),
+        aliases={"gpt-4": "llama3:70b", "gpt-3": "gpt-4", "typo": "lama3:70b"},
+        fallbacks={"llama3:70b": ("mistral:7b", "gone:1b", "gpt-4")},
+        status=UNHEALTHY,  # listed is enough: health changes, a typo does not
+    )
+    assert unserved_targets(registry) == [
+        "alias 'typo' leads to 'lama3:70b', which no backend lists",
+        "fallback 'gone:1b' of 'llama3:70b' is a model no backend lists",
+    ]
+    registry.set_models(registry.get("a"), ["lama3:70b", "gone:1b"])
+    assert unserved_targets(registry) == []

@@ -9,18 +9,7 @@ from typing import Any
 import pytest_twisted
 
 from nexus.config import RoutingConfig
-from tests.support import Cleanup, start_gateway, start_mock
-
-
-@pytest_twisted.async_yield_fixture
-async def cleanup() -> Any:
-    items = Cleanup()
-    yield items
-    await items.stop_all()
-
-
-def served_by(response: Any) -> str:
-    return response.headers.getRawHeaders("x-nexus-backend")[0]
+from tests.support import served_by, start_gateway, start_mock
 
 
 @pytest_twisted.ensureDeferred

@@ -44,7 +44,7 @@ from tests.faults.harness import (
     chat,
     gateway_config,
 )
-from tests.support import start_mock, wait_for
+from tests.support import DeadlineAgent, start_mock, wait_for
 
 REQUESTS = int(os.environ.get("NEXUS_SOAK_REQUESTS", "3000"))
 SECONDS = float(os.environ.get("NEXUS_SOAK_SECONDS", "90"))
@@ -78,7 +78,7 @@ class Soak:
     def _new_client(self) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = CONCURRENCY
-        self.agent = Agent(reactor, pool=self.pool)
+        self.agent = DeadlineAgent(Agent(reactor, pool=self.pool))
 
     async def close_client(self) -> None:
         """Close the clients' keep-alive connections (fds are compared without them)."""

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import start_mock, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-# The twistd script of the environment running the tests.
-TWISTD = [str(Path(sys.executable).parent / "twistd")]
-
-
-def twistd_env() -> dict[str, str]:
-    # The source tree on the path, so twistd finds twisted/plugins/ in an editable checkout too.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import TWISTD, free_port, http_client, start_mock, twistd_env, wait_for
 
 
 def assert_clean_stop(process: subprocess.Popen[bytes], output: bytes) -> None:
@@ -60,6 +40,9 @@ async def test_twistd_serves_a_completion_and_stops_on_sigterm(tmp_path: Path) -
 listen = "tcp:{port}:interface=127.0.0.1"
 [health_check]
 interval_seconds = 1
+[routing.aliases]
+fast = "llama3:8b"
+typo = "lama3:8b"
 [[backends]]
 name = "real"
 url = "{mock.url}"
@@ -73,25 +56,25 @@ url = "{mock.url}"
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    client = http_client()
     try:
         async def healthy() -> bool:
             assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
             try:
-                response = await treq.get(url + "/health", persistent=False)
+                response = await client.get(url + "/health")
             except Exception:
                 return False
             return (json.loads(await response.content()))["status"] == "healthy"
 
         await wait_for(healthy, timeout=20, what="twistd nexus healthy")
-        response = await treq.post(
+        response = await client.post(
             url + "/v1/chat/completions",
             data=json.dumps({"model": "llama3:8b", "messages": []}).encode(),
-            persistent=False,
         )
         assert response.code == 200
         answer = json.loads(await response.content())
         assert answer["choices"][0]["message"]["content"] == "Hello from real"
-        metrics = await (await treq.get(url + "/metrics", persistent=False)).text()
+        metrics = await (await client.get(url + "/metrics")).text()
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(metrics)
@@ -107,6 +90,10 @@ url = "{mock.url}"
         output, _ = process.communicate(timeout=20)
         await mock.stop()
     assert_clean_stop(process, output)
+    # an alias nobody can serve is named once the first health round knows the models
+    warnings = [line for line in output.decode().splitlines() if "routing:" in line]
+    assert len(warnings) == 1, output
+    assert warnings[0].endswith("routing: alias 'typo' leads to 'lama3:8b', which no backend lists")
 
 
 @pytest_twisted.ensureDeferred
@@ -121,14 +108,13 @@ async def test_demo_mode_answers_a_completion(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    client = http_client()
     answers: list[Any] = []
     try:
         async def answered() -> bool:
             assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
             try:
-                response = await treq.post(
-                    url, data=b'{"model": "demo", "messages": []}', persistent=False
-                )
+                response = await client.post(url, data=b'{"model": "demo", "messages": []}')
             except Exception:
                 return False
             if response.code != 200:

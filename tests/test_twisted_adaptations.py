@@ -19,7 +19,7 @@ from nexus._twisted import (
     connection_header_names,
 )
 from nexus.upstream import read_body
-from tests.support import Cleanup, start_mock
+from tests.support import Cleanup, deadline, start_mock
 
 
 def test_the_private_names_still_exist() -> None:
@@ -38,11 +38,12 @@ async def test_pool_uses_our_protocol_keeps_connection_names_and_reuses_connecti
     cleanup.append(mock)
     pool = QuietPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool)
-    response = await agent.request(b"GET", (mock.url + "/v1/models").encode())
+    # A plain Agent: connection_header_names reads the response ClientProtocol made.
+    response = await deadline(agent.request(b"GET", (mock.url + "/v1/models").encode()))
     assert b"x-mock-hop" in connection_header_names(response)
     assert response.headers.hasHeader(b"x-mock-hop")  # Twisted shows the header itself ...
     assert not response.headers.hasHeader(b"connection")  # ... but never Connection
-    assert await read_body(response)
+    assert await deadline(read_body(response), what="the body")
     [connections] = pool._connections.values()  # _putConnection kept it
     assert isinstance(connections[0], ClientProtocol)
     await pool.closeCachedConnections()

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,21 +29,11 @@ from twisted.web.http_headers import Headers
 from nexus.metrics.labels import sanitize_label
 from nexus.testing import MockBackend
 from nexus.upstream import BytesProducer
-from tests.support import wait_for
+from tests.support import TWISTD, DeadlineAgent, twistd_env, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-# The twistd script of the environment running the tests.
-TWISTD = [str(Path(sys.executable).parent / "twistd")]
 _LISTENING = re.compile(rb"NexusSite starting on (\d+)")
 #: Log text that means the gateway hit an error it did not handle.
 _BAD_LOG = ("Traceback", "Unhandled", "#critical]", "#error]")
-
-
-def twistd_env() -> dict[str, str]:
-    """The environment for twistd: the source tree first on the path (finds twisted/plugins)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 @attrs.define
@@ -116,7 +105,8 @@ class GatewayProcess:
         self.log_path = log_path
         self.port = 0
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.agent = Agent(reactor, pool=self.pool)
+        # Every request and every body read has a deadline: a hang fails, it does not stall.
+        self.agent = DeadlineAgent(Agent(reactor, pool=self.pool))
 
     @classmethod
     async def start(cls, directory: Path, config_text: str, *, healthy: int) -> GatewayProcess:
@@ -461,9 +451,12 @@ async def chat(
     model: str,
     stream: bool = False,
     leave_after: int | None = None,
-    agent: Agent | None = None,
+    agent: DeadlineAgent | None = None,
 ) -> Seen:
-    """POST one chat completion; with ``leave_after`` the client leaves after that many events."""
+    """POST one chat completion; with ``leave_after`` the client leaves after that many events.
+
+    ``agent`` (the gateway's own by default) bounds the wait for the answer and for its body.
+    """
     response = await (agent or gateway.agent).request(
         b"POST",
         (gateway.url + "/v1/chat/completions").encode(),

@@ -32,7 +32,7 @@ from tests.faults.harness import (
     chat_body,
     gateway_config,
 )
-from tests.support import start_mock, wait_for
+from tests.support import CLIENT_DEADLINE, deadline, start_mock, wait_for
 
 #: Clients that leave mid-stream at the same moment (NEXUS_TEST_LEAVING_CLIENTS=2000 for more).
 LEAVING_CLIENTS = int(os.environ.get("NEXUS_TEST_LEAVING_CLIENTS", "500"))
@@ -207,6 +207,7 @@ async def test_client_that_never_reads_does_not_grow_the_gateway(fleet: Fleet) -
     body = chat_body("m_firehose", stream=True)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(CLIENT_DEADLINE)  # connect and send: a blocking call must not hang
     sock.connect(("127.0.0.1", gateway.port))
     try:
         sock.sendall(
@@ -310,8 +311,8 @@ async def test_hundreds_of_clients_leave_mid_stream(fleet: Fleet) -> None:
     async def open_one() -> None:
         client = _LeavingClient(request)
         clients.append(client)
-        await connectProtocol(endpoint, client)
-        head = await client.first_event
+        await deadline(connectProtocol(endpoint, client), what="connecting")
+        head = await deadline(client.first_event, what="the first event")
         assert head.startswith(b"HTTP/1.1 200 "), head
         assert b"x-nexus-backend: b_stream" in head.lower(), head
 
@@ -332,7 +333,7 @@ async def test_hundreds_of_clients_leave_mid_stream(fleet: Fleet) -> None:
             client.transport.abortConnection()  # type: ignore[attr-defined]
         else:
             client.transport.loseConnection()
-    await gatherResults([c.gone for c in clients])
+    await deadline(gatherResults([c.gone for c in clients]), what="every client's close")
     left = Seen(200, _headers({"x-nexus-backend": "b_stream"}), b"", left=True)
     for _ in clients:
         tally.add("m_stream", left)

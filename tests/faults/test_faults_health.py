@@ -9,13 +9,13 @@ import pytest_twisted
 
 from tests.faults.harness import Backend, GatewayProcess, Tally, assert_metrics_match, chat
 from tests.faults.harness import gateway_config as config_for
-from tests.support import start_mock, wait_for
+from tests.support import Cleanup, start_mock, wait_for
 
 StartGateway = Callable[..., Awaitable[GatewayProcess]]
 
 
 async def flapping_fleet(
-    start_gateway: StartGateway, cleanup: list[Any], **health: Any
+    start_gateway: StartGateway, cleanup: Cleanup, **health: Any
 ) -> tuple[GatewayProcess, Any]:
     good = start_mock("good", ["good"])
     flappy = start_mock("flappy", ["m_flap"])
@@ -27,17 +27,9 @@ async def flapping_fleet(
     return gateway, flappy
 
 
-@pytest_twisted.async_yield_fixture
-async def cleanup() -> Any:
-    items: list[Any] = []
-    yield items
-    for item in reversed(items):
-        await item.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_flapping_backend_goes_in_and_out_of_rotation(
-    start_gateway: StartGateway, cleanup: list[Any]
+    start_gateway: StartGateway, cleanup: Cleanup
 ) -> None:
     """Thresholds of 1: each probe flips the backend; clients get 200 or a clean 503."""
     gateway, flappy = await flapping_fleet(
@@ -82,7 +74,7 @@ async def test_flapping_backend_goes_in_and_out_of_rotation(
 
 @pytest_twisted.ensureDeferred
 async def test_default_thresholds_keep_a_flapping_backend_in_rotation(
-    start_gateway: StartGateway, cleanup: list[Any]
+    start_gateway: StartGateway, cleanup: Cleanup
 ) -> None:
     """With failure_threshold 3 a probe failing every other time never takes it out."""
     gateway, flappy = await flapping_fleet(

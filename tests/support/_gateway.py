@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.task import deferLater
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Protocol
+from twisted.web.client import HTTPConnectionPool
 
 from nexus.config import (
     BackendConfig,
@@ -25,22 +23,8 @@ from nexus.config import (
 from nexus.service import Gateway, build_gateway
 from nexus.testing import MockBackend, MockSettings, listen_mock
 from tests.prometheus_bridge import prometheus_registry
-
-
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
-) -> None:
-    """Poll ``condition`` every 10 ms until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await deferLater(reactor, 0.01, lambda: None)
+from tests.support._clients import deadline, http_client
+from tests.support._polling import wait_for
 
 
 def start_mock(name: str, models: Sequence[str] = ("m",), **knobs: Any) -> MockBackend:
@@ -48,9 +32,27 @@ def start_mock(name: str, models: Sequence[str] = ("m",), **knobs: Any) -> MockB
     return listen_mock(reactor, MockSettings(name=name, models=list(models), **knobs))
 
 
+class _Events(Protocol):
+    """Keeps a streamed body; ``leave()`` closes the connection (the client goes away)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def leave(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
 @attrs.define
 class RunningGateway:
-    """A gateway listening on a free port of 127.0.0.1, with a client for it."""
+    """A gateway listening on a free port of 127.0.0.1, with a client (with deadlines) for it."""
 
     gateway: Gateway
     port: Any
@@ -78,10 +80,11 @@ class RunningGateway:
             unbuffered=True,
         )
         assert response.code == 200
-        chunks: list[bytes] = []
-        treq.collect(response, chunks.append).addErrback(lambda _: None)
-        await wait_for(lambda: b"".join(chunks).count(b"data: ") >= events, what="some events")
-        response.original._transport.loseConnection()
+        body = _Events()
+        response.deliverBody(body)
+        await wait_for(lambda: body.data.count(b"data: ") >= events, what="some events")
+        body.leave()
+        await deadline(body.ended, what="the connection closing")
 
     async def get_json(self, path: str, status: int = 200) -> Any:
         response = await self.client.get(self.url + path)
@@ -131,22 +134,7 @@ async def start_gateway(
     gateway = build_gateway(config, reactor, environ={"TEST_BACKEND_KEY": "backend-secret"})
     port = reactor.listenTCP(0, gateway.site, backlog=1024, interface="127.0.0.1")
     pool = HTTPConnectionPool(reactor, persistent=True)
-    client = HTTPClient(Agent(reactor, pool=pool))
-    running = RunningGateway(gateway, port, client, pool)
+    running = RunningGateway(gateway, port, http_client(pool), pool)
     if check:
         await running.check_health()
     return running
-
-
-def as_deferred(coro: Awaitable[Any]) -> Deferred[Any]:
-    return ensureDeferred(coro)  # type: ignore[arg-type]
-
-
-class Cleanup(list[Any]):
-    """Things with a ``stop()`` to call (in reverse order) when a test ends."""
-
-    async def stop_all(self) -> None:
-        for item in reversed(self):
-            result = item.stop()
-            if result is not None:
-                await result
