@@ -22,6 +22,7 @@ from nexus.config import (
     Config,
     ConfigError,
     HealthCheckConfig,
+    LoggingConfig,
     RoutingConfig,
     ServerConfig,
     Weights,
@@ -55,6 +56,10 @@ ENV_VARS = {
     "NEXUS_SERVER_API_KEYS": (" k1, k2 ,", ("server", "api_keys"), ("k1", "k2")),
     "NEXUS_SERVER_API_KEYS_FILE": (KEYS_FILE, ("server", "api_keys_file"), KEYS_FILE),
     "NEXUS_SERVER_METRICS_TOKEN": ("tok", ("server", "metrics_token"), "tok"),
+    "NEXUS_LOGGING_FORMAT": ("json", ("logging", "format"), "json"),
+    "NEXUS_LOGGING_LEVEL": ("debug", ("logging", "level"), "debug"),
+    "NEXUS_LOGGING_REQUESTS": ("false", ("logging", "requests"), False),
+    "NEXUS_LOGGING_CONTENT_PREVIEW": ("yes", ("logging", "content_preview"), True),
 }
 
 
@@ -112,6 +117,7 @@ def test_example_file_loads_as_documented() -> None:
             aliases={"gpt-4": "llama3:70b", "gpt-4o": "gpt-4", "gpt-3.5-turbo": "mistral:7b"},
             fallbacks={"llama3:70b": ("mistral:7b", "llama3:8b")},
         ),
+        logging=LoggingConfig(format="text", level="info", requests=True, content_preview=False),
         backends=(
             BackendConfig(
                 name="ollama-local",
@@ -175,7 +181,7 @@ def test_example_file_shows_every_key() -> None:
     # Keys commented out (they need a file or a secret) count as shown.
     data = tomllib.loads(COMMENTED_KEY.sub(r"\1", EXAMPLE.read_text()))
     shown = set()
-    for section in ("server", "health_check", "routing"):
+    for section in ("server", "health_check", "routing", "logging"):
         for key, value in data[section].items():
             keys = value if key == "weights" else {}
             shown |= {f"{section}.{key}"} | {f"{section}.{key}.{k}" for k in keys}
@@ -330,6 +336,31 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     (
         {"routing": {"fallbacks": {"llama3:70b": ["mistral:7b", ""]}}},
         'routing.fallbacks."llama3:70b"[1]: must not be empty',
+    ),
+    # logging
+    ({"logging": "json"}, "logging: expected a table, got string 'json'"),
+    (
+        {"logging": {"format": "xml"}},
+        "logging.format: unknown log format 'xml' (expected one of text, json)",
+    ),
+    (
+        {"logging": {"level": "warning"}},
+        "logging.level: unknown log level 'warning' "
+        "(expected one of debug, info, warn, error, critical)",
+    ),
+    (
+        {"logging": {"level": "INFO"}},
+        "logging.level: unknown log level 'INFO' "
+        "(expected one of debug, info, warn, error, critical)",
+    ),
+    ({"logging": {"level": ""}}, "logging.level: must not be empty"),
+    (
+        {"logging": {"requests": "no"}},
+        "logging.requests: expected a boolean (true or false), got string 'no'",
+    ),
+    (
+        {"logging": {"content_preview": 1}},
+        "logging.content_preview: expected a boolean (true or false), got integer 1",
     ),
     # backends
     ({"backends": {"name": "a"}}, "backends: expected an array of tables, got a table"),
@@ -544,6 +575,13 @@ ENV_INVALID = [
         "unknown strategy 'fastest' (expected one of smart, round_robin, priority_only, random)",
     ),
     ("NEXUS_SERVER_LISTEN", "", "must not be empty"),
+    ("NEXUS_LOGGING_FORMAT", "xml", "unknown log format 'xml' (expected one of text, json)"),
+    (
+        "NEXUS_LOGGING_LEVEL",
+        "verbose",
+        "unknown log level 'verbose' (expected one of debug, info, warn, error, critical)",
+    ),
+    ("NEXUS_LOGGING_REQUESTS", "off", "expected true/false, 1/0 or yes/no, got 'off'"),
 ]
 
 

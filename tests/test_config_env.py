@@ -34,6 +34,16 @@ UNKNOWN_VARIABLES: list[tuple[str, str]] = [
         "environment: unknown variable NEXUS_ROUTING_STRATEGIE (ignored; did you mean "
         "NEXUS_ROUTING_STRATEGY?)",
     ),
+    (
+        "NEXUS_LOG_LEVEL",
+        "environment: unknown variable NEXUS_LOG_LEVEL (ignored; did you mean "
+        "NEXUS_LOGGING_LEVEL?)",
+    ),
+    (
+        "NEXUS_LOGGING_REQUEST",
+        "environment: unknown variable NEXUS_LOGGING_REQUEST (ignored; did you mean "
+        "NEXUS_LOGGING_REQUESTS?)",
+    ),
     ("NEXUS_COLOUR", "environment: unknown variable NEXUS_COLOUR (ignored)"),
     ("NEXUS_", "environment: unknown variable NEXUS_ (ignored)"),
     (
@@ -77,8 +87,6 @@ NOT_SETTINGS = [
     "NEXUS_BENCH_MODELS",
     "NEXUS_BENCH_STREAM",
     "NEXUS_DISCOVERY",
-    "NEXUS_LOGGING_FORMAT",
-    "NEXUS_LOGGING_LEVEL",
     "NEXUS_SERVER_WORKERS",
 ]
 
@@ -115,6 +123,15 @@ UNKNOWN_KEYS: list[tuple[dict[str, Any], str]] = [
     ({"sever": {}}, "unknown key 'sever' (ignored; did you mean 'server'?)"),
     ({"backend": []}, "unknown key 'backend' (ignored; did you mean 'backends'?)"),
     ({"metrics": {}}, "unknown key 'metrics' (ignored)"),
+    ({"log": {}}, "unknown key 'log' (ignored; did you mean 'logging'?)"),
+    (
+        {"logging": {"log_level": "debug"}},
+        "unknown key 'logging.log_level' (ignored; did you mean 'logging.level'?)",
+    ),
+    (
+        {"logging": {"preview": True}},
+        "unknown key 'logging.preview' (ignored; did you mean 'logging.content_preview'?)",
+    ),
     (
         {"server": {"request_timeout": 5}},
         "unknown key 'server.request_timeout' (ignored; did you mean "

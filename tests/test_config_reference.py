@@ -72,6 +72,13 @@ def test_settings_show_what_the_loader_does() -> None:
     assert by_name["backends.name"].default is REQUIRED
     assert by_name["routing.weights.priority"].env is None
     assert by_name["routing.aliases"].table
+    level = by_name["logging.level"]
+    assert (level.default, level.env, level.type) == (
+        "info",
+        "NEXUS_LOGGING_LEVEL",
+        "string, one of debug, info, warn, error, critical",
+    )
+    assert by_name["logging.requests"].type == "boolean"
 
 
 def test_the_loader_reads_every_variable_the_reference_names() -> None:

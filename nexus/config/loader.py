@@ -29,12 +29,15 @@ from cattrs.gen import make_mapping_structure_fn
 from nexus.config.values import (
     BACKEND_TYPES,
     CAPABILITIES,
+    LOG_FORMATS,
+    LOG_LEVELS,
     MAX_ALIAS_HOPS,
     STRATEGIES,
     BackendConfig,
     Config,
     ConfigError,
     HealthCheckConfig,
+    LoggingConfig,
     RoutingConfig,
     ServerConfig,
     Weights,
@@ -53,7 +56,6 @@ ENV_NOT_SETTINGS: tuple[str, ...] = (
     "NEXUS_SOAK_",  # the soak test's size and report (tests/test_soak.py, tox.ini passenv)
     "NEXUS_BENCH_",  # the benchmark's wrk script (benchmarks/post.lua)
     "NEXUS_DISCOVERY",  # [discovery] enabled (contract 10), to come
-    "NEXUS_LOGGING_",  # [logging] (contract 8), to come
     "NEXUS_SERVER_WORKERS",  # [server] workers (contract 12), to come
 )
 
@@ -377,6 +379,8 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (RoutingConfig, "strategy"): _OneOf(STRATEGIES, "strategy"),
     (RoutingConfig, "max_retries"): _AtLeast(0),
     **{(Weights, f.name): _AtLeast(0) for f in attrs.fields(Weights)},
+    (LoggingConfig, "format"): _OneOf(LOG_FORMATS, "log format"),
+    (LoggingConfig, "level"): _OneOf(LOG_LEVELS, "log level"),
     (BackendConfig, "url"): _HttpUrl(),
     (BackendConfig, "type"): _OneOf(BACKEND_TYPES, "backend type"),
     (BackendConfig, "priority"): _AtLeast(0),

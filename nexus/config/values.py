@@ -15,6 +15,9 @@ import attrs
 STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BACKEND_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "openai", "generic")
 CAPABILITIES = ("vision", "tools", "json_mode")
+LOG_FORMATS = ("text", "json")
+#: The names of ``twisted.logger.LogLevel``'s constants, lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 #: Longest alias chain accepted (``a -> b -> c -> d`` is 3 hops).
 MAX_ALIAS_HOPS = 3
@@ -198,6 +201,42 @@ class RoutingConfig:
 
 
 @attrs.frozen
+class LoggingConfig:
+    """``[logging]``: the gateway's log (docs/logging.md)."""
+
+    format: str = attrs.field(
+        default="text",
+        metadata=doc(
+            "`text`: Twisted's classic lines, a request on one readable line. `json`: every line "
+            "the gateway writes to its log is one JSON object (`timestamp`, `level`, `namespace`, "
+            "`message`; a request's fields as top-level keys)."
+        ),
+    )
+    level: str = attrs.field(
+        default="info",
+        metadata=doc(
+            "Least severe level written. At `debug`, requests to `/health`, `/metrics`, "
+            "`/v1/stats` and `/v1/models` get a line each too (never at `info`)."
+        ),
+    )
+    requests: bool = attrs.field(
+        default=True,
+        metadata=doc(
+            "Write one request-log event per finished inference request (namespace "
+            "`nexus.requests`); `false` turns the request log off (`/v1/history` still answers)."
+        ),
+    )
+    content_preview: bool = attrs.field(
+        default=False,
+        metadata=doc(
+            "Add `prompt_preview` (the first 100 characters of the last user message) to "
+            "request-log events; warned about at start. Keys, bodies and `Authorization` values "
+            "are never logged otherwise."
+        ),
+    )
+
+
+@attrs.frozen
 class BackendConfig:
     """One ``[[backends]]`` entry.
 
@@ -266,6 +305,10 @@ class Config:
     )
     routing: RoutingConfig = attrs.field(
         factory=RoutingConfig, metadata=doc("How a request picks its backend.")
+    )
+    logging: LoggingConfig = attrs.field(
+        factory=LoggingConfig,
+        metadata=doc("The log: its format, its level, the request log (docs/logging.md)."),
     )
     backends: tuple[BackendConfig, ...] = attrs.field(
         default=(),
