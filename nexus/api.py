@@ -20,10 +20,11 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from nexus import __version__
 from nexus.access import AccessPolicy
 from nexus.admission import Admission
-from nexus.errors import MethodNotAllowed, NotFound, Unauthorized
+from nexus.errors import InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
 from nexus.metrics import MetricsCollector, MetricsResource, StatsResource
-from nexus.proxy import ChatCompletions
+from nexus.proxy import ChatCompletions, requested_model
 from nexus.registry import HEALTHY, Backend, BackendRegistry, format_timestamp
+from nexus.requestlog import HISTORY_SIZE, RequestLog
 from nexus.routing import Router
 from nexus.server import Exchange, Handler, NexusRequest, Outcome, error_response
 
@@ -51,11 +52,13 @@ class NexusAPI:
         chat: ChatCompletions,
         collector: MetricsCollector,
         admission: Admission,
+        request_log: RequestLog,
         now: Callable[[], float],
         wall_clock: Callable[[], float],
         access: AccessPolicy | None = None,
     ) -> None:
         self.access = access or AccessPolicy()
+        self.request_log = request_log
         self.admission = admission
         self.registry = registry
         self.router = router
@@ -80,6 +83,7 @@ class NexusAPI:
     def _admit(self, exchange: Exchange) -> None:
         """Refuse an exchange that lacks a key, or that the gateway cannot take now."""
         if not self.access.allows_api(exchange.authorization):
+            exchange.record.model = requested_model(exchange.body)  # the log says what was asked
             raise Unauthorized(
                 "Missing or invalid API key; send it as 'Authorization: Bearer <key>'."
             )
@@ -141,6 +145,24 @@ class NexusAPI:
     def stats(self, request: Request) -> Any:
         """The same numbers as JSON."""
         return self._metrics_guard(request) or self.stats_resource
+
+    @app.route("/v1/history", methods=["GET"])
+    def history(self, request: Any) -> bytes:
+        """The last finished inference requests, newest first (``?limit=N``, N <= 100)."""
+        refused = self._metrics_guard(request)
+        if refused is not None:
+            return refused
+        values = request.args.get(b"limit")
+        limit = HISTORY_SIZE
+        if values is not None:
+            text = values[-1].decode("ascii", "replace")
+            if not (len(text) <= 3 and text.isascii() and text.isdigit()
+                    and 1 <= int(text) <= HISTORY_SIZE):
+                return error_response(request, InvalidRequest(
+                    f"'limit' must be a whole number from 1 to {HISTORY_SIZE}.", param="limit"
+                ))
+            limit = int(text)
+        return _json(request, 200, {"object": "list", "data": self.request_log.recent(limit)})
 
     def _metrics_guard(self, request: Any) -> bytes | None:
         if self.access.allows_metrics(request.requestHeaders.getRawHeaders(b"authorization")):

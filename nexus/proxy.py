@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,15 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
     if not isinstance(payload.get("messages"), list):
         raise InvalidRequest("'messages' is required and must be a list.", "messages")
     return payload
+
+
+def requested_model(body: bytes) -> str | None:
+    """The ``model`` a request body asks for, or None (never raises)."""
+    try:
+        model = json.loads(body).get("model")
+    except Exception:
+        return None
+    return model if isinstance(model, str) and model else None
 
 
 class _AttemptFailed(Exception):
@@ -225,6 +235,7 @@ class StreamRelay(Protocol):
         if self._error is not None:
             # The 200 is out: end the stream with one error event, then [DONE].
             self.record.error_type = self._error.error_type
+            self.record.error_message = self._error.message
             consumer.write(sse.error_event(self._error.to_json()) + sse.DONE_EVENT)
         elif not self.saw_done:
             consumer.write(sse.DONE_EVENT)
@@ -314,7 +325,10 @@ class ChatCompletions:
         max_retries: int,
         now: Callable[[], float],
         environ: Mapping[str, str] = os.environ,
+        content_preview: bool = False,
     ) -> None:
+        #: Keep the start of the last user message on the record (``[logging] content_preview``).
+        self.content_preview = content_preview
         self.router = router
         self.agent = upstream.agent
         self.clock = clock
@@ -333,11 +347,12 @@ class ChatCompletions:
         return target
 
     @staticmethod
-    def _headers(target: _Target, authorization: list[bytes] | None) -> Headers:
-        if target.own_key or not authorization:
-            return target.headers
+    def _headers(target: _Target, call: _Call) -> Headers:
+        """The target's base headers plus this request's id (and the client's key)."""
         headers = target.headers.copy()
-        headers.setRawHeaders(b"authorization", authorization)
+        headers.setRawHeaders(b"x-request-id", [call.request_id])
+        if call.authorization and not target.own_key:
+            headers.setRawHeaders(b"authorization", call.authorization)
         return headers
 
     async def handle(self, exchange: Exchange) -> Outcome:
@@ -350,7 +365,12 @@ class ChatCompletions:
         payload = parse_chat_request(body)
         requested = payload["model"]
         record.model = requested
+        record.stream = stream = payload.get("stream") is True
+        if self.content_preview:
+            record.prompt_preview = prompt_preview(payload)
         decision = self.router.decide(requested, request_needs(payload))
+        record.actual_model = decision.model
+        record.route_reason = decision.route_reason
         if decision.fallback_from is not None:
             record.fallback_from = decision.fallback_from
             record.fallback_to = decision.model
@@ -358,17 +378,27 @@ class ChatCompletions:
             payload["model"] = decision.model
             # ASCII-escaped: a lone surrogate from the client survives re-encoding.
             body = json.dumps(payload).encode("utf-8")
-        call = _Call(decision, body, payload.get("stream") is True, exchange.authorization)
+        call = _Call(
+            decision, body, stream, exchange.authorization, record.request_id.encode("ascii")
+        )
         return await self._forward(record, call, deadline)
 
     async def _forward(self, record: RequestRecord, call: _Call, deadline: float) -> Outcome:
         last: GatewayError | None = None
+        failed_on: list[str] = []
         for backend in call.decision.candidates[: 1 + self.max_retries]:
             remaining = deadline - self.now()
             if remaining <= 0:
                 last = GatewayTimeout("The request timed out.")
                 break
             record.backend = backend.name
+            record.backend_type = backend.type
+            record.attempts += 1
+            if failed_on:
+                record.route_reason = (
+                    f"{call.decision.route_reason}; retry {len(failed_on)} on {backend.name}"
+                    f" after {', '.join(failed_on)} failed"
+                )
             lease = _Lease(backend, self.now)
             timer = Deadline(self.clock, remaining)
             try:
@@ -380,8 +410,12 @@ class ChatCompletions:
                     # retry for a client that has left.
                     raise CancelledError() from None
                 last = failed.error
+                failed_on.append(backend.name)
                 log.info(
-                    "attempt on {backend} failed: {why}", backend=backend.name, why=last.message
+                    "request {request_id}: attempt on {backend} failed: {why}",
+                    request_id=record.request_id,
+                    backend=backend.name,
+                    why=last.message,
                 )
                 continue
             except BaseException:
@@ -393,7 +427,14 @@ class ChatCompletions:
                 lease.release()
             return outcome
         error = last or BadGateway("No backend could be tried.")
-        return Reply.error(error, [(b"x-nexus-backend", [(record.backend or "none").encode()])])
+        if failed_on:
+            record.route_reason = (
+                f"{call.decision.route_reason}; all {len(failed_on)} attempts failed"
+            )
+        headers = [(b"x-nexus-backend", [(record.backend or "none").encode()])]
+        if record.route_reason:
+            headers.append((b"x-nexus-route-reason", [header_text(record.route_reason)]))
+        return Reply.error(error, headers)
 
     async def _attempt(
         self, record: RequestRecord, call: _Call, backend: Backend, timer: Deadline, lease: _Lease
@@ -402,7 +443,7 @@ class ChatCompletions:
         try:
             response: IResponse = await timer.watch(
                 self.agent.request(
-                    b"POST", target.url, self._headers(target, call.authorization),
+                    b"POST", target.url, self._headers(target, call),
                     BytesProducer(call.body),
                 )
             )
@@ -430,7 +471,7 @@ class ChatCompletions:
             except StreamFailed as failed:
                 raise _AttemptFailed(failed.error) from None
             relay.done.addBoth(lease.release)  # the backend is busy until the relay is over
-            headers = [*_relayed_headers(response, target, call.decision), *_SSE_HEADERS]
+            headers = [*_relayed_headers(response, target, record), *_SSE_HEADERS]
             return Stream(200, headers, relay)
         try:
             data = await timer.watch(read_body(response))
@@ -444,7 +485,7 @@ class ChatCompletions:
             raise _AttemptFailed(
                 BadGateway(f"Backend '{backend.name}' broke off its answer ({type(e).__name__}).")
             ) from None
-        error_type = None
+        error_type = error_message = None
         if 200 <= code < 300:
             try:
                 answer = json.loads(data)
@@ -458,7 +499,9 @@ class ChatCompletions:
                                  _count(usage.get("completion_tokens")))
         else:
             error_type = "invalid_request"  # the backend's own 4xx, passed through
-        return Reply(code, data, _relayed_headers(response, target, call.decision), error_type)
+            error_message = _backend_error_message(backend, code, data)
+        headers = _relayed_headers(response, target, record)
+        return Reply(code, data, headers, error_type, error_message)
 
 
 @attrs.frozen
@@ -469,6 +512,7 @@ class _Call:
     body: bytes
     stream: bool
     authorization: list[bytes] | None
+    request_id: bytes
 
 
 _SSE_HEADERS: tuple[tuple[bytes, Sequence[bytes]], ...] = (
@@ -478,7 +522,7 @@ _SSE_HEADERS: tuple[tuple[bytes, Sequence[bytes]], ...] = (
 
 
 def _relayed_headers(
-    response: IResponse, target: _Target, decision: RouteDecision
+    response: IResponse, target: _Target, record: RequestRecord
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """The backend's response headers a client gets, plus the gateway's own.
 
@@ -492,9 +536,49 @@ def _relayed_headers(
         if name.lower() not in skip
     ]
     headers.append(target.backend_header)
-    if decision.fallback_from is not None:
-        headers.append((b"x-nexus-fallback-model", [decision.model.encode("utf-8")]))
+    if record.route_reason:
+        headers.append((b"x-nexus-route-reason", [header_text(record.route_reason)]))
+    if record.fallback_to is not None:
+        headers.append((b"x-nexus-fallback-model", [record.fallback_to.encode("utf-8")]))
     return headers
+
+
+def header_text(text: str) -> bytes:
+    """``text`` as a header value: ASCII, non-ASCII escaped, no control characters."""
+    return _NOT_PRINTABLE.sub(b" ", text.encode("ascii", "backslashreplace"))
+
+
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
+
+
+def _backend_error_message(backend: Backend, code: int, body: bytes) -> str:
+    """The message of a backend's own error answer (OpenAI shape), else its status."""
+    message: Any
+    try:
+        message = json.loads(body)["error"]["message"]
+    except Exception:
+        message = None
+    if isinstance(message, str) and message:
+        return f"Backend '{backend.name}' answered {code}: {message[:200]}"
+    return f"Backend '{backend.name}' answered {code}."
+
+
+def prompt_preview(payload: Mapping[str, Any], size: int = 100) -> str | None:
+    """The first ``size`` characters of the last user message's text, if any."""
+    messages: Any = payload.get("messages")
+    message: Any
+    content: Any
+    for message in reversed(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                part["text"] for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+        return content[:size] if isinstance(content, str) else None
+    return None
 
 
 def _is_json(response: IResponse) -> bool:

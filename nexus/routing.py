@@ -38,8 +38,8 @@ class RouteDecision:
     ``model`` is the name sent to the backend (after alias and fallback);
     ``candidates`` are the backends to try, best first (the first, then retries);
     ``fallback_from`` is the resolved model whose fallback serves, if any;
-    ``route_reason`` says why, e.g. ``smart:beta:87.5`` or
-    ``fallback:qwen2:7b:priority_only:beta``.
+    ``route_reason`` says why, e.g. ``smart:beta:87.5`` (strategy, backend, score),
+    ``fallback:qwen2:7b:priority_only:beta`` or ``alias:gpt-4:round_robin:beta``.
     """
 
     requested_model: str
@@ -191,9 +191,11 @@ class Router:
         resolved = resolve_alias(model, registry) if model in registry.aliases else model
         by_model = registry.by_model
         candidates, any_healthy = _candidates(by_model.get(resolved, ()), resolved, needs)
+        # An alias taken shows in the reason: "alias:gpt-4:smart:beta:87.5".
+        via = f"alias:{model}:" if resolved != model else ""
         if candidates:
             order, reason = self._order(resolved, candidates)
-            return RouteDecision(model, resolved, order, None, reason)
+            return RouteDecision(model, resolved, order, None, via + reason)
         # One level of fallbacks: a fallback's own fallbacks are not followed.
         for fallback in registry.fallbacks.get(resolved, ()):
             if fallback == resolved:
@@ -202,7 +204,7 @@ class Router:
             any_healthy = any_healthy or healthy
             if candidates:
                 order, reason = self._order(fallback, candidates)
-                reason = f"fallback:{fallback}:{reason}"
+                reason = f"{via}fallback:{fallback}:{reason}"
                 return RouteDecision(model, fallback, order, resolved, reason)
         if any_healthy:
             raise self._unsupported(model, resolved, needs)

@@ -15,6 +15,8 @@ inference path, recorded too.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -32,6 +34,10 @@ from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestT
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
 
 log = Logger()
+#: Requests other than inference requests (debug level only).
+access_log = Logger(namespace="nexus.access")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: Raw response headers: (name, values) pairs, applied in order (a later name replaces).
 RawHeaders = Sequence[tuple[bytes, Sequence[bytes]]]
@@ -48,12 +54,20 @@ class Reply:
     headers: RawHeaders = ()
     #: The ``nexus_errors_total`` type this answer counts as (None: not an error).
     error_type: str | None = None
+    #: What went wrong, for the request log (None: not an error).
+    error_message: str | None = None
 
     @classmethod
     def error(cls, error: GatewayError, headers: RawHeaders = ()) -> Reply:
         """The contract's JSON error body for ``error``."""
         own = [(name, [value]) for name, value in error.headers]
-        return cls(error.status, error.to_json(), [_JSON_TYPE, *own, *headers], error.error_type)
+        return cls(
+            error.status,
+            error.to_json(),
+            [_JSON_TYPE, *own, *headers],
+            error.error_type,
+            error.message,
+        )
 
 
 class StreamBody(Protocol):
@@ -87,6 +101,33 @@ Handler = Callable[["Exchange"], Awaitable[Outcome]]
 #: Receives every finished request's record, once.
 Recorder = Callable[[RequestRecord], None]
 
+#: The longest ``x-request-id`` a client may choose.
+MAX_REQUEST_ID = 128
+
+
+def request_id_from(values: Sequence[bytes] | None) -> str:
+    """The client's ``x-request-id`` when it is 1-128 visible ASCII characters, else a new id.
+
+    A new id is 32 hex digits. An invalid client value is replaced, never echoed
+    or logged: it could carry anything (control characters, a megabyte).
+    """
+    if values is not None and len(values) == 1:
+        value = values[0]
+        if 0 < len(value) <= MAX_REQUEST_ID and value.isascii():
+            text = value.decode("ascii")
+            if text.isprintable() and " " not in text:
+                return text
+    return os.urandom(16).hex()
+
+
+def record_to(recorders: Sequence[Recorder], record: RequestRecord) -> None:
+    """Hand a finished record to every recorder; a failing one is logged, never raised."""
+    for recorder in recorders:
+        try:
+            recorder(record)
+        except Exception:
+            log.failure("recording a request failed")
+
 
 class Exchange:
     """One inference request, from its arrival to its record.
@@ -101,7 +142,11 @@ class Exchange:
     def __init__(self, request: NexusRequest, site: NexusSite) -> None:
         self.request = request
         self.site = site
-        self.record = RequestRecord(started=site.now())
+        self.record = RequestRecord(
+            started=site.now(),
+            request_id=request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id")),
+            client=_host(request),
+        )
         #: The client went away before the response was finished.
         self.gone = False
         self.on_close: list[Callable[[Exchange], None]] = []
@@ -127,7 +172,15 @@ class Exchange:
 
     def serve(self, handler: Handler) -> None:
         """Run ``handler`` and write its outcome; cancelled when the client leaves."""
-        self._task = Deferred.fromCoroutine(self._serve(handler))
+        task = Deferred.fromCoroutine(self._serve(handler))
+        if not task.called:
+            self._task = task
+            task.addBoth(self._done)
+
+    def _done(self, result: object) -> None:
+        self._task = None  # the task's frame referred to this exchange: no cycle left
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            log.failure("serving an exchange failed", result)
 
     async def _serve(self, handler: Handler) -> None:
         try:
@@ -139,16 +192,17 @@ class Exchange:
         except Exception:
             # A bug must still answer like the contract says and be counted.
             log.failure("unexpected error serving {path}", path=self.request.path)
-            outcome = Reply(500, GatewayError("Internal gateway error.").to_json(),
-                            [_JSON_TYPE], "other")
+            outcome = Reply.error(GatewayError("Internal gateway error."))
         if self.gone:
             if isinstance(outcome, Stream):
                 outcome.body.stop()
             return
         request = self.request
+        request.responseHeaders.setRawHeaders(b"x-request-id", [self.record.request_id.encode()])
         if isinstance(outcome, Reply):
             if outcome.error_type is not None:
                 self.record.error_type = outcome.error_type
+                self.record.error_message = outcome.error_message
             request.setResponseCode(outcome.status)
             _apply(request, outcome.headers)
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(outcome.body)])
@@ -170,10 +224,10 @@ class Exchange:
         """The response is over: write the record once, then run ``on_close``."""
         if not self.record.finish(status, self.site.now()):
             return
-        try:
-            self.site.recorder(self.record)
-        except Exception:
-            log.failure("recording a request failed")
+        # Break the request <-> exchange cycle now, so that reference counting frees
+        # both (the cycle collector would otherwise, later and at a cost per request).
+        self.request.exchange = None
+        record_to(self.site.recorders, self.record)
         for callback in self.on_close:
             callback(self)
 
@@ -184,6 +238,7 @@ class Exchange:
         if not record.finished:
             record.client_gone = True
             record.error_type = "client_disconnect"
+            record.error_message = "The client closed the connection before the response ended."
             self.close(CLIENT_CLOSED)
         task = self._task
         if task is not None and not task.called:
@@ -197,6 +252,11 @@ class Exchange:
             return False
         transport.abortConnection()  # type: ignore[attr-defined]
         return True
+
+
+def _host(request: Request) -> str | None:
+    address = request.getClientAddress()
+    return getattr(address, "host", None)
 
 
 def _apply(request: Request, headers: RawHeaders) -> None:
@@ -303,7 +363,8 @@ class NexusRequest(Request):
             return
         self._rejected = True
         self._cancel_read_deadline()
-        self.channel.refuse(status, phrase, error)
+        request_id = request_id_from(self.requestHeaders.getRawHeaders(b"x-request-id"))
+        self.channel.refuse(status, phrase, error, request_id)
 
 
 #: How long a refused client may go on sending before its connection is cut.
@@ -320,9 +381,9 @@ class NexusChannel(BadRequestChannel):
     def bad_request(self) -> None:
         self.refuse(400, b"Bad Request", InvalidRequest(
             "Malformed request, or request line and headers over the size or count limit."
-        ))
+        ), request_id_from(None))
 
-    def refuse(self, status: int, phrase: bytes, error: GatewayError) -> None:
+    def refuse(self, status: int, phrase: bytes, error: GatewayError, request_id: str) -> None:
         """Answer a request the gateway will not read, count it, close the connection.
 
         What the client is still sending is read and dropped until it closes or
@@ -337,15 +398,18 @@ class NexusChannel(BadRequestChannel):
         transport.write(
             b"HTTP/1.1 %d %s\r\n"
             b"Content-Type: application/json\r\n"
+            b"X-Request-Id: %s\r\n"
             b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+            b"Content-Length: %d\r\n\r\n%s"
+            % (status, phrase, request_id.encode(), len(body), body)
         )
         self.setTimeout(None)
         transport.loseWriteConnection()  # type: ignore[attr-defined]
         self._linger = self.site.reactor.callLater(
             LINGER_SECONDS, transport.abortConnection  # type: ignore[attr-defined]
         )
-        self.site.record_refused(self.pending_path(), status, error.error_type)
+        peer = getattr(transport.getPeer(), "host", None)
+        self.site.record_refused(self.pending_path(), status, error, request_id, peer)
 
     # Once refused, whatever the client still sends (more lines in the same read
     # included) is read and dropped.
@@ -379,18 +443,22 @@ class NexusSite(Site):
         self,
         resource: Any,
         server: ServerConfig,
-        recorder: Recorder,
+        recorders: Sequence[Recorder],
         inference_paths: frozenset[bytes],
         now: Callable[[], float],
         reactor: Any,
+        debug_access: bool = False,
     ) -> None:
         super().__init__(resource, reactor=reactor, timeout=server.idle_timeout_seconds)
         self.max_body_bytes = server.max_body_bytes
         self.request_timeout = server.request_timeout_seconds
         self.max_headers = server.max_headers
         self.max_header_bytes = server.max_header_bytes
-        self.recorder = recorder
+        #: Every finished inference request's record goes to each (metrics, request log).
+        self.recorders = tuple(recorders)
         self.inference_paths = inference_paths
+        #: Log every other request at debug (``[logging] level = "debug"``).
+        self.debug_access = debug_access
         self.now = now
         self.noisy = False
 
@@ -401,16 +469,32 @@ class NexusSite(Site):
         channel.MAX_LENGTH = self.max_header_bytes
         return channel
 
-    def record_refused(self, path: bytes, status: int, error_type: str) -> None:
-        """Count an inference request answered before it reached a handler."""
+    def record_refused(
+        self, path: bytes, status: int, error: GatewayError, request_id: str, client: str | None
+    ) -> None:
+        """Record an inference request answered before it reached a handler."""
         if path not in self.inference_paths:
             return
-        record = RequestRecord(started=self.now(), error_type=error_type)
+        record = RequestRecord(
+            started=self.now(),
+            request_id=request_id,
+            client=client,
+            error_type=error.error_type,
+            error_message=error.message,
+        )
         record.finish(status, self.now())
-        try:
-            self.recorder(record)
-        except Exception:
-            log.failure("recording a request failed")
+        record_to(self.recorders, record)
 
     def log(self, request: Any) -> None:
-        """No per-request access log: metrics count requests, logs stay quiet."""
+        """Other requests (scrapes, health checks, models) at debug level only.
+
+        Inference requests have their own event in the request log; a scrape every
+        15 s must not flood the log at ``info``.
+        """
+        if self.debug_access and request.path not in self.inference_paths:
+            access_log.debug(
+                "{method} {path} {code}",
+                method=request.method.decode("ascii", "replace"),
+                path=_CONTROL.sub(" ", request.path.decode("utf-8", "replace")),
+                code=request.code,
+            )

@@ -15,7 +15,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 import twisted
@@ -32,9 +32,12 @@ from nexus.config import (
     load_config,
 )
 from nexus.health import HealthPoller, HealthService
+from nexus.logs import install as install_observer
+from nexus.logs import observer_for
 from nexus.metrics import MetricsCollector
 from nexus.proxy import ChatCompletions
 from nexus.registry import HEALTHY, BackendRegistry
+from nexus.requestlog import RequestLog
 from nexus.routing import Router, unserved_targets
 from nexus.server import NexusSite
 from nexus.testing import MockBackend, MockSettings, listen_mock
@@ -119,6 +122,7 @@ class Gateway:
     admission: Admission
     api: NexusAPI
     site: NexusSite
+    request_log: RequestLog
 
 
 def build_gateway(
@@ -151,14 +155,17 @@ def build_gateway(
         max_retries=config.routing.max_retries,
         now=now,
         environ=environ,
+        content_preview=config.logging.content_preview,
     )
     admission = Admission(config.server.max_concurrent_requests)
+    request_log = RequestLog(log_requests=config.logging.requests)
     api = NexusAPI(
         registry,
         router,
         chat,
         collector,
         admission,
+        request_log,
         now=now,
         wall_clock=time.time,
         access=AccessPolicy.from_config(config.server),
@@ -166,12 +173,16 @@ def build_gateway(
     site = NexusSite(
         GatewayResource(api),
         config.server,
-        recorder=collector.record_request,
+        # The metrics and the request log see the same record at the same moment.
+        recorders=(collector.record_request, request_log.record),
         inference_paths=INFERENCE_PATHS,
         now=now,
         reactor=reactor,
+        debug_access=config.logging.level == "debug",
     )
-    return Gateway(config, registry, router, upstream, collector, poller, admission, api, site)
+    return Gateway(
+        config, registry, router, upstream, collector, poller, admission, api, site, request_log
+    )
 
 
 #: Listen queue length: Twisted's default of 50 drops connections in any burst of clients.
@@ -224,6 +235,16 @@ class GatewayService(MultiService):
         self.listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
         self.listener.setName("http")
         self.listener.setServiceParent(self)
+        #: The log observer twistd should use (``[logging]``), set by ``makeService``.
+        self.log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd makes the application, adds this service, then starts logging with the
+        # application's ILogObserver component when it has one (Twisted's documented way
+        # to choose twistd's log observer).
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            install_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -299,11 +320,24 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         raise SystemExit(
             f"nexus: bad listen description {config.server.listen!r}: {e}"
         ) from None
+    # Logged, not printed: they reach the log in its format once twistd starts logging.
     for warning in [*warnings, *listen_warnings(config.server)]:
-        print(f"nexus: warning: {warning}")
+        log.warn("{warning}", warning=warning)
+    if config.logging.content_preview:
+        log.warn(
+            "logging.content_preview is on: request events carry the first 100 characters "
+            "of each prompt"
+        )
     try:
         gateway = build_gateway(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"nexus: configuration error: {e}") from None
     demo = bool(options.get("demo") or not options.get("config"))
-    return GatewayService(gateway, reactor, demo=demo)
+    service = GatewayService(gateway, reactor, demo=demo)
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is not None:  # under twistd: our observer replaces twistd's own
+        setup = observer_for(twistd_options, config.logging)
+        if setup is not None:
+            service.log_observer = setup.observer
+            gateway.collector.log_drops = lambda: setup.destination.dropped
+    return service

@@ -20,19 +20,38 @@ class RequestRecord:
     """What is known about one client request; ``status`` and ``duration`` once finished.
 
     ``model`` is the name the client asked for (None: no usable model),
+    ``actual_model`` the one sent to the backend (after alias and fallback),
     ``backend`` the last backend tried (None: none chosen), ``duration`` and
-    ``time_to_first_token`` are seconds.
+    ``time_to_first_token`` are seconds. Everything here but ``prompt_preview``
+    may be shown to operators (the request log, ``/v1/history``): never keys,
+    headers or bodies.
     """
 
     started: float
+    #: The request id (the client's ``x-request-id`` when valid, else a new one).
+    request_id: str = ""
+    #: Which inference endpoint: ``chat`` (later ``completions``, ``embeddings``).
+    endpoint: str = "chat"
+    #: The client's address (host).
+    client: str | None = None
     model: str | None = None
+    actual_model: str | None = None
     backend: str | None = None
+    backend_type: str | None = None
+    stream: bool = False
+    #: Attempts made on backends (retries are attempts - 1).
+    attempts: int = 0
+    #: Why this backend: strategy and score, alias and fallback taken, retries.
+    route_reason: str | None = None
     error_type: str | None = None
+    error_message: str | None = None
     fallback_from: str | None = None
     fallback_to: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     time_to_first_token: float | None = None
+    #: The first characters of the last user message, only with ``content_preview`` on.
+    prompt_preview: str | None = None
     #: The HTTP status sent (CLIENT_CLOSED when the client left first); set by ``finish``.
     status: int = 0
     #: Seconds from the start to the last byte; set by ``finish``.

@@ -29,6 +29,7 @@ from nexus.metrics.families import (
     BUILD_INFO,
     ERRORS,
     FALLBACKS,
+    LOG_EVENTS_DROPPED,
     MODELS_AVAILABLE,
     PENDING_REQUESTS,
     REQUEST_DURATION,
@@ -132,6 +133,9 @@ class PrometheusBridge(Collector):
         info = GaugeMetricFamily(BUILD_INFO.name, BUILD_INFO.help, labels=BUILD_INFO.labels)
         info.add_metric([__version__], 1)
         yield info
+        yield CounterMetricFamily(
+            LOG_EVENTS_DROPPED.name, LOG_EVENTS_DROPPED.help, value=self._collector.log_drops()
+        )
 
 
 def prometheus_registry(collector: MetricsCollector) -> CollectorRegistry:

@@ -61,9 +61,9 @@ async def test_api_keys_guard_v1_and_never_leak(cleanup: Cleanup) -> None:
     metrics = await (await gw.client.get(gw.url + "/metrics")).text()
     assert "sk-right" not in metrics and "sk-other" not in metrics
     assert (await gw.client.get(gw.url + "/v1/stats")).code == 200
-    # refused before its body is read: recorded under model "unknown"
-    assert gw.sample("nexus_requests_total", model="unknown", backend="none", status="401") == 6
-    assert gw.sample("nexus_errors_total", error_type="invalid_request", model="unknown") == 6
+    # refused before routing: recorded under the model asked for (contract section 8)
+    assert gw.sample("nexus_requests_total", model="m", backend="none", status="401") == 6
+    assert gw.sample("nexus_errors_total", error_type="invalid_request", model="m") == 6
 
 
 @pytest_twisted.ensureDeferred

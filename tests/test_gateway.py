@@ -292,13 +292,16 @@ async def test_a_failing_metrics_recorder_never_fails_the_request(
         calls.append(args)
         raise RuntimeError("metrics bug")
 
-    monkeypatch.setattr(gw.gateway.site, "recorder", broken)
+    monkeypatch.setattr(gw.gateway.site, "recorders", (broken, *gw.gateway.site.recorders))
     for stream in (False, True):
         response = await gw.chat(stream=stream)
         assert response.code == 200
         assert b"Hello" in await response.content()
     await wait_for(lambda: len(calls) == 2, what="both recordings attempted")
     assert gw.gateway.registry.get("only").pending == 0
+    # the recorders after the broken one still got both requests
+    assert gw.sample("nexus_requests_total", model="m", backend="only", status="200") == 2
+    assert len(gw.gateway.request_log.history) == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -212,6 +212,7 @@ def expected_scenario() -> Samples:
     for backend, n in {"gpu_a": 2, "gpu_b": 0, "cpu_c": 1}.items():
         out[_key("nexus_pending_requests", {"backend": backend})] = n
     out[_key("nexus_build_info", {"version": nexus.__version__})] = 1
+    out[_key("nexus_log_events_dropped_total", {})] = 0
     return out
 
 

@@ -53,7 +53,7 @@ class Served:
         self.records: list[RequestRecord] = []
         config = ServerConfig(**server)
         self.site = NexusSite(
-            _Root(handler), config, self.records.append, frozenset({PATH}),
+            _Root(handler), config, [self.records.append], frozenset({PATH}),
             now=self.clock.seconds, reactor=self.clock,
         )
         self.channel = self.site.buildProtocol(None)

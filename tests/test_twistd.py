@@ -207,16 +207,24 @@ def test_version_and_help(tmp_path: Path) -> None:
     assert "docs/configuration.md" in output
 
 
-def test_an_exposed_listener_without_keys_is_warned_about(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_an_exposed_listener_without_keys_is_warned_about(tmp_path: Path) -> None:
     from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
     from nexus.service import makeService
 
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(formatEvent(event))
+
     config = write_config(tmp_path, '[[backends]]\nname = "a"\nurl = "http://127.0.0.1:9"\n')
-    makeService({"config": str(config), "listen": "tcp:8000"}, reactor=MemoryReactorClock())
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "api_keys" in warnings[0], warnings
-    makeService({"config": str(config)}, reactor=MemoryReactorClock())  # loopback: quiet
-    assert "warning" not in capsys.readouterr().out
+    globalLogPublisher.addObserver(observe)
+    try:
+        makeService({"config": str(config), "listen": "tcp:8000"}, reactor=MemoryReactorClock())
+        assert len(warnings) == 1 and "api_keys" in warnings[0], warnings
+        makeService({"config": str(config)}, reactor=MemoryReactorClock())  # loopback: quiet
+        assert len(warnings) == 1, warnings
+    finally:
+        globalLogPublisher.removeObserver(observe)

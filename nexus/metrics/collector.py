@@ -97,6 +97,8 @@ class MetricsCollector:
         # known models changes, since that can move a name to or from `unknown`.
         self._lookup: dict[tuple[object, object], PairSeries] = {}
         self._known = registry.known_models
+        #: Reads how many log lines the log destination dropped (exposed as a counter).
+        self.log_drops: Callable[[], int] = lambda: 0
         self.renderer = Renderer(self)
 
     # -- recording -------------------------------------------------------------

@@ -39,6 +39,7 @@ from nexus.metrics.families import (
     ERRORS,
     FALLBACKS,
     FAMILIES,
+    LOG_EVENTS_DROPPED,
     MODELS_AVAILABLE,
     PENDING_REQUESTS,
     REQUEST_DURATION,
@@ -425,6 +426,8 @@ class Renderer:
         ]
         lines += [b"%b%d\n" % item for item in pending.items()]
         lines.append(self._build_info[openmetrics])
+        lines.append(headers[LOG_EVENTS_DROPPED.name])
+        lines.append(b"%b %d\n" % (LOG_EVENTS_DROPPED.name.encode(), self._collector.log_drops()))
         return b"".join(lines)
 
     def render(self, openmetrics: bool = False, gzip: bool = False) -> bytes:

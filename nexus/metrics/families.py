@@ -122,6 +122,11 @@ BUILD_INFO = Family(
     "Always 1; the label says which Nexus version is running.",
     ("version",),
 )
+LOG_EVENTS_DROPPED = Family(
+    "nexus_log_events_dropped_total",
+    "counter",
+    "Log lines the log destination could not take (disk full, closed or full pipe).",
+)
 
 #: All families, in exposition order.
 FAMILIES: tuple[Family, ...] = (
@@ -137,6 +142,7 @@ FAMILIES: tuple[Family, ...] = (
     MODELS_AVAILABLE,
     PENDING_REQUESTS,
     BUILD_INFO,
+    LOG_EVENTS_DROPPED,
 )
 
 #: ``error_type`` values of contract section 5; anything else is counted as ``other``.
