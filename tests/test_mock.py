@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import re
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,13 +32,16 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
 from nexus.testing import (
+    ENDPOINTS,
     FAIL_MODES,
     HUGE_LENGTH,
+    MISSING_ENDPOINT_STATUSES,
     STREAM_FRAMINGS,
     MockBackend,
     MockSettings,
     Options,
     answer_text,
+    embedding_vector,
     listen_mock,
     makeService,
     stream_pieces,
@@ -43,6 +49,8 @@ from nexus.testing import (
 from tests.support import CLIENT_DEADLINE, TWISTD, deadline, http_client, twistd_env, wait_for
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -103,6 +111,22 @@ class Client:
     def chat(self, **fields: Any) -> Deferred[Any]:
         body = {"model": "mock-model", "messages": MESSAGES, **fields}
         return self.post(CHAT, body, unbuffered=True)
+
+    def complete(self, **fields: Any) -> Deferred[Any]:
+        body = {"model": "mock-model", "prompt": "Say hi", **fields}
+        return self.post(COMPLETIONS, body, unbuffered=True)
+
+    def embed(self, **fields: Any) -> Deferred[Any]:
+        body = {"model": "mock-model", "input": "hi", **fields}
+        return self.post(EMBEDDINGS, body, unbuffered=True)
+
+    def infer(self, endpoint: str, **fields: Any) -> Deferred[Any]:
+        """A request to the inference endpoint named ``endpoint`` (chat, completions, ...)."""
+        if endpoint == "chat":
+            return self.chat(**fields)
+        if endpoint == "completions":
+            return self.complete(**fields)
+        return self.embed(**fields)
 
     def get(self, path: str) -> Deferred[Any]:
         return self.http.get(self.backend.url + path)
@@ -346,6 +370,493 @@ async def test_completion_tokens_can_be_set(start: Any) -> None:
     raw = await (await client.chat(stream=True, stream_options={"include_usage": True})).content()
     usage = json.loads(raw.split(b"\n\n")[-3].removeprefix(b"data: "))["usage"]
     assert usage == {"prompt_tokens": 10, "completion_tokens": 42, "total_tokens": 52}
+
+
+# -- legacy completions and embeddings -------------------------------------------------------
+
+
+def sse_json(raw: bytes) -> list[Any]:
+    """The events of a whole SSE body: parsed JSON, then ``[DONE]`` as bytes."""
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n")[:-1]]
+    return [e if e == b"[DONE]" else json.loads(e) for e in events]
+
+
+def decode_base64_floats(text: str) -> list[float]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_openai_client_does_embeddings_and_completions(start: Any) -> None:
+    backend, _ = start(name="delta", models=["m"], stream_chunks=3, prompt_tokens=4)
+    sent: dict[str, Any] = {}
+
+    def talk() -> dict[str, Any]:
+        client = openai.OpenAI(
+            base_url=backend.url + "/v1", api_key="k", max_retries=0, timeout=CLIENT_DEADLINE
+        )
+        try:
+            got: dict[str, Any] = {}
+            got["default"] = client.embeddings.create(model="m", input=["one", "two"])
+            # What the SDK asked for when not told: it decodes base64 itself.
+            sent["encoding_format"] = backend.stats()["last_request"]["body"]["encoding_format"]
+            got["float"] = client.embeddings.create(model="m", input="one", encoding_format="float")
+            got["tokens"] = client.embeddings.create(model="m", input=[[1, 2], [3]])
+            got["text"] = client.completions.create(model="m", prompt="Say hi")
+            stream = client.completions.create(
+                model="m", prompt=["a", "b"], stream=True, stream_options={"include_usage": True}
+            )
+            got["chunks"] = list(stream)
+            try:
+                client.completions.create(model="nope", prompt="x")
+            except openai.NotFoundError as e:
+                got["not_found"] = e
+        finally:
+            client.close()
+        return got
+
+    got = await deferToThread(talk)
+    assert sent["encoding_format"] == "base64"
+    default = got["default"]
+    assert [e.index for e in default.data] == [0, 1]
+    assert default.model == "m"
+    assert default.data[0].embedding == embedding_vector("one", 8)
+    assert default.data[1].embedding == embedding_vector("two", 8)
+    assert default.usage.prompt_tokens == default.usage.total_tokens == 8  # 4 per input
+    assert got["float"].data[0].embedding == default.data[0].embedding
+    tokens = got["tokens"].data
+    assert [t.embedding for t in tokens] == [embedding_vector([1, 2], 8), embedding_vector([3], 8)]
+
+    text = got["text"]
+    assert text.object == "text_completion"
+    assert text.choices[0].text == "Hello from delta"
+    assert text.choices[0].finish_reason == "stop"
+    assert text.usage is not None and text.usage.total_tokens == 9  # 4 + 5
+
+    chunks = got["chunks"]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello from delta"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert got["not_found"].status_code == 404
+    stats = backend.stats()
+    assert stats["requests_by_endpoint"] == {"chat": 0, "completions": 3, "embeddings": 3}
+    assert stats["chat_requests"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_embeddings_are_deterministic_unit_vectors_of_the_set_dimension(start: Any) -> None:
+    backend, client = start(models=["e1", "e2"], prompt_tokens=3)
+    response = await client.embed(model="e1", input=["alpha", "beta", "alpha"])
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    body = await client.json(response)
+    assert set(body) == {"object", "data", "model", "usage"}
+    assert body["object"] == "list" and body["model"] == "e1"
+    assert body["usage"] == {"prompt_tokens": 9, "total_tokens": 9}  # 3 per input
+    data = body["data"]
+    assert [(d["object"], d["index"]) for d in data] == [("embedding", i) for i in range(3)]
+    vectors = [d["embedding"] for d in data]
+    assert all(len(v) == 8 and all(isinstance(x, float) for x in v) for v in vectors)
+    assert vectors[0] == vectors[2] != vectors[1]  # same input, same vector
+    assert all(math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-6) for v in vectors)
+
+    # Another request, another model: the same input still gives the same vector.
+    again = await client.json(await client.embed(model="e2", input="alpha"))
+    assert again["data"][0]["embedding"] == vectors[0]
+    assert again["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    # A token list is an input of its own, not the text it may stand for.
+    tokens = await client.json(await client.embed(model="e1", input=[5, 6]))
+    assert len(tokens["data"]) == 1 and tokens["data"][0]["embedding"] != vectors[0]
+
+    # base64: the little-endian float32 bytes of the very same floats.
+    encoded = await client.json(
+        await client.embed(model="e1", input="alpha", encoding_format="base64")
+    )
+    assert decode_base64_floats(encoded["data"][0]["embedding"]) == vectors[0]
+
+    backend.configure(embedding_dimensions=3)
+    short = await client.json(await client.embed(model="e1", input="alpha"))
+    assert len(short["data"][0]["embedding"]) == 3
+    assert short["data"][0]["embedding"] == embedding_vector("alpha", 3)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_completions_have_the_openai_shape_streamed_or_not(
+    start: Any, include_usage: bool
+) -> None:
+    backend, client = start(name="beta", models=["t"], stream_chunks=4, prompt_tokens=3)
+    response = await client.complete(model="t", prompt=["one", "two"], user="u")
+    assert response.code == 200
+    body = await client.json(response)
+    fields = {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert set(body) == fields
+    assert body["id"].startswith("cmpl-") and isinstance(body["created"], int)
+    assert body["object"] == "text_completion" and body["model"] == "t"
+    assert body["choices"] == [
+        {"index": 0, "text": "Hello from beta", "logprobs": None, "finish_reason": "stop"}
+    ]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+    response = await client.complete(
+        model="t", prompt="x", stream=True, stream_options={"include_usage": include_usage}
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    assert response.headers.getRawHeaders("cache-control") == ["no-cache"]
+    events = sse_json(await response.content())
+    assert events[-1] == b"[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    assert {tuple(c) for c in chunks[:5]} == {("id", "object", "created", "model", "choices")}
+    # No role event: the same pieces as a chat stream, then the finish event.
+    choices = [c["choices"][0] for c in chunks[:5]]
+    assert [c["text"] for c in choices] == [*stream_pieces("beta", 4), ""]
+    assert [c["finish_reason"] for c in choices] == [None] * 4 + ["stop"]
+    assert all(c["index"] == 0 and c["logprobs"] is None for c in choices)
+    if include_usage:
+        assert len(chunks) == 6 and chunks[5]["choices"] == []
+        assert chunks[5]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    else:
+        assert len(chunks) == 5 and all("usage" not in c for c in chunks)
+    assert backend.stats()["completed"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_completion_streams_are_paced_like_chat(start: Any) -> None:
+    backend, client = start(stream_chunks=3, stream_delay_ms=40, first_token_delay_ms=80)
+    began = time.monotonic()
+    response = await client.complete(stream=True)
+    body = await client.body(response)
+    await body.ended
+    elapsed = time.monotonic() - began
+    assert len(body.events()) == 5 and body.events()[-1] == b"[DONE]"  # 3 content, finish, DONE
+    assert body.reads >= 5  # each event arrives on its own
+    assert elapsed >= 0.080 + 4 * 0.040  # the first token's wait, then a gap before each event
+    assert backend.stats()["completed"] == 1
+
+
+def test_completions_first_token_delay_sends_the_headers_at_once() -> None:
+    clock = MemoryReactorClock()
+    settings = MockSettings(stream_chunks=2, first_token_delay_ms=300, stream_delay_ms=10)
+    backend = MockBackend(settings, clock)
+    channel = backend.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = json.dumps({"model": "mock-model", "prompt": "p", "stream": True}).encode()
+    channel.dataReceived(raw_request(b"POST", COMPLETIONS.encode(), body))
+
+    def texts() -> list[Any]:
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Transfer-Encoding: chunked" in head
+        events = sse_json(dechunk(body))
+        return [e if e == b"[DONE]" else e["choices"][0]["text"] for e in events]
+
+    assert texts() == []  # the headers, and not one event yet
+    clock.advance(0.299)
+    assert texts() == []
+    clock.advance(0.001)
+    assert texts() == ["Hello"]
+    clock.advance(0.010)
+    assert texts() == ["Hello", " from mock"]
+    clock.advance(0.010)
+    clock.advance(0.010)
+    assert texts() == ["Hello", " from mock", "", b"[DONE]"]
+    assert clock.getDelayedCalls() == []
+    assert backend.stats()["completed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "status"),
+    [
+        (EMBEDDINGS, b"not json", None, 400),
+        (EMBEDDINGS, [1], None, 400),
+        (EMBEDDINGS, {"input": "x"}, "model", 400),
+        (EMBEDDINGS, {"model": "mock-model"}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": ""}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": []}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": 3}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": {"text": "x"}}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": ["a", 1]}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": [[1], []]}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": [[1], ["a"]]}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": [True]}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": [1.5]}, "input", 400),
+        (EMBEDDINGS, {"model": "mock-model", "input": "x", "encoding_format": "hex"},
+         "encoding_format", 400),
+        (EMBEDDINGS, {"model": "other", "input": "x"}, "model", 404),
+        (COMPLETIONS, b"not json", None, 400),
+        (COMPLETIONS, {"prompt": "x"}, "model", 400),
+        (COMPLETIONS, {"model": "mock-model"}, "prompt", 400),
+        (COMPLETIONS, {"model": "mock-model", "prompt": None}, "prompt", 400),
+        (COMPLETIONS, {"model": "mock-model", "prompt": []}, "prompt", 400),
+        (COMPLETIONS, {"model": "mock-model", "prompt": {"a": 1}}, "prompt", 400),
+        (COMPLETIONS, {"model": "mock-model", "prompt": "x", "temperature": 3}, "temperature",
+         400),
+        (COMPLETIONS, {"model": "other", "prompt": "x"}, "model", 404),
+    ],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_malformed_embeddings_and_completions_are_refused(
+    start: Any, path: str, body: Any, param: str | None, status: int
+) -> None:
+    backend, client = start()
+    response = await client.post(path, body)
+    assert response.code == status
+    error = (await client.json(response))["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"}
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    stats = backend.stats()
+    assert stats["requests_by_endpoint"][path.rsplit("/", 1)[1]] == 1
+    assert stats["completed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (EMBEDDINGS, {"input": "x"}),
+        (EMBEDDINGS, {"input": ["x", "y"]}),
+        (EMBEDDINGS, {"input": [1, 2, 3]}),
+        (EMBEDDINGS, {"input": [[1, 2], [0]], "encoding_format": None}),
+        (COMPLETIONS, {"prompt": ""}),
+        (COMPLETIONS, {"prompt": ["a", ""]}),
+        (COMPLETIONS, {"prompt": [1, 2]}),
+        (COMPLETIONS, {"prompt": [[1], [2, 3]]}),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_every_openai_input_shape_is_accepted(start: Any, path: str, body: Any) -> None:
+    _, client = start()
+    response = await client.post(path, {"model": "mock-model", **body})
+    assert response.code == 200, await response.content()
+    answer = await client.json(response)
+    if path == EMBEDDINGS:
+        inputs = body["input"]
+        count = 1 if isinstance(inputs, str) or isinstance(inputs[0], int) else len(inputs)
+        assert len(answer["data"]) == count
+    else:
+        assert [c["text"] for c in answer["choices"]] == ["Hello from mock"]  # one choice
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_cover_every_inference_endpoint(start: Any) -> None:
+    backend, client = start()
+    for request in (client.chat, client.complete, client.embed, client.complete):
+        await (await request(user="x")).content()
+    response = await client.post(EMBEDDINGS, {"model": "mock-model", "input": "hi"},
+                                 headers={"Authorization": "Bearer e"})  # fmt: skip
+    await response.content()
+    stats = await client.json(await client.get("/_mock/stats"))
+    assert stats["requests_by_endpoint"] == {"chat": 1, "completions": 2, "embeddings": 2}
+    assert stats["chat_requests"] == 1  # chat only, as before
+    assert stats["completed"] == 5 and stats["in_flight"] == 0
+    last = stats["last_request"]
+    assert last["path"] == EMBEDDINGS and last["endpoint"] == "embeddings"
+    assert last["body"] == {"model": "mock-model", "input": "hi"}
+    assert last["headers"]["authorization"] == "Bearer e"
+    await (await client.complete(prompt="p")).content()
+    last = backend.stats()["last_request"]
+    assert last["path"] == COMPLETIONS and last["endpoint"] == "completions"
+    assert last["body"]["prompt"] == "p"
+    reset = await client.json(await client.post("/_mock/reset", b""))
+    assert reset["requests_by_endpoint"] == {"chat": 0, "completions": 0, "embeddings": 0}
+    assert reset["last_request"] is None
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "embeddings"])
+@pytest.mark.parametrize(
+    ("mode", "code"), [("500", "internal_error"), ("503", "service_unavailable")]
+)
+@pytest_twisted.ensureDeferred
+async def test_fail_status_on_every_endpoint(
+    start: Any, endpoint: str, mode: str, code: str
+) -> None:
+    backend, client = start(fail=mode, latency_ms=30)
+    began = time.monotonic()
+    for stream in (False, True):
+        response = await client.infer(endpoint, stream=stream)
+        assert response.code == int(mode)
+        error = (await client.json(response))["error"]
+        assert error["type"] == "server_error" and error["code"] == code
+    assert time.monotonic() - began >= 2 * 0.030  # latency_ms applies too
+    assert backend.stats()["requests_by_endpoint"][endpoint] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_count_is_shared_by_the_endpoints(start: Any) -> None:
+    backend, client = start(fail="503", fail_count=2)
+    codes = []
+    for endpoint in ("embeddings", "completions", "chat", "embeddings"):
+        response = await client.infer(endpoint)
+        await response.content()
+        codes.append(response.code)
+    assert codes == [503, 503, 200, 200]
+    assert backend.settings.fail is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_modes_cut_embeddings_and_completions_in_their_own_shape(
+    start: Any,
+) -> None:
+    backend, client = start(fail="invalid_json")
+    for endpoint in ("completions", "embeddings"):
+        response = await client.infer(endpoint)
+        assert response.code == 200 and await response.content() == b"not json{"
+
+    backend.configure(fail="truncated_sse")
+    raw = await (await client.complete(stream=True)).content()
+    first, rest = raw.split(b"\n\n", 1)
+    assert json.loads(first.removeprefix(b"data: "))["object"] == "text_completion"
+    assert rest == b'data: {"id": ' and b"[DONE]" not in raw
+    response = await client.embed(input=["a", "b"])  # embeddings never stream: half the body
+    with pytest.raises(ResponseFailed):
+        await response.content()
+
+    backend.configure(fail="reset")
+    response = await client.embed(stream=True)
+    assert response.code == 200 and response.length > 0
+    with pytest.raises(ResponseFailed):
+        await response.content()
+    response = await client.complete(stream=True)
+    body = await client.body(response)
+    await body.ended
+    assert body.reason is not None and body.reason.check(ResponseFailed)
+    assert [json.loads(e)["choices"][0]["text"] for e in body.events()] == ["Hello"]
+
+    backend.configure(fail="huge_length")
+    response = await client.embed()
+    assert response.length == HUGE_LENGTH
+    body = await client.body(response)
+    await wait_for(lambda: body.data == b'{"object": "list", ', what="the first bytes")
+    body.hang_up()
+
+    backend.configure(fail="endless", stream_delay_ms=2)
+    response = await client.complete(stream=True)
+    body = await client.body(response)
+    await wait_for(lambda: len(body.events()) >= 5, what="five events")
+    texts = [json.loads(e)["choices"][0]["text"] for e in body.events()]
+    assert texts[:4] == ["Hello", " from", " mock", " #3"]
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["in_flight"] == 0, what="all requests over")
+    assert backend.stats()["requests_by_endpoint"] == {
+        "chat": 0, "completions": 4, "embeddings": 4}  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_hang_and_stall_hold_every_endpoint(start: Any) -> None:
+    backend, client = start(fail="hang")
+    for endpoint in ("completions", "embeddings"):
+        with pytest.raises((CancelledError, ResponseNeverReceived)):
+            await client.infer(endpoint).addTimeout(0.2, reactor)
+    await wait_for(lambda: backend.stats()["disconnects"] == 2, what="disconnects counted")
+
+    backend.configure(fail="stall")
+    response = await client.complete(stream=True)
+    body = await client.body(response)
+    await wait_for(lambda: len(body.events()) == 2, what="two events")
+    body.hang_up()
+    response = await client.embed()
+    body = await client.body(response)
+    await wait_for(lambda: len(body.data) == response.length // 2, what="half the body")
+    body.hang_up()
+    await wait_for(lambda: backend.stats()["disconnects"] == 4, what="disconnects counted")
+    assert backend.stats()["in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "type", "code"),
+    [
+        (404, "invalid_request_error", "not_found"),
+        (405, "invalid_request_error", "method_not_allowed"),
+        (501, "server_error", "not_implemented"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_mock_can_lack_endpoints(start: Any, status: int, type: str, code: str) -> None:
+    backend, client = start(endpoints=["chat"], missing_endpoint_status=status)
+    for endpoint, path in (("completions", COMPLETIONS), ("embeddings", EMBEDDINGS)):
+        response = await client.infer(endpoint)
+        assert response.code == status
+        assert response.headers.getRawHeaders("content-type") == ["application/json"]
+        error = (await client.json(response))["error"]
+        assert error == {
+            "message": f"This server does not serve {path}.",
+            "type": type,
+            "param": None,
+            "code": code,
+        }
+        # 405 with an empty Allow: the resource allows no method (RFC 9110, 10.2.1).
+        allow = response.headers.getRawHeaders("allow")
+        assert allow == ([""] if status == 405 else None)
+        # Whatever the method, as a server without the path answers.
+        other = await client.get(path)
+        assert other.code == status
+        assert (await client.json(other))["error"]["code"] == code
+    assert (await client.chat()).code == 200
+    stats = backend.stats()
+    assert stats["requests_by_endpoint"] == {"chat": 1, "completions": 1, "embeddings": 1}
+    assert stats["last_request"]["path"] == CHAT
+    assert stats["completed"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_endpoint_answers_at_once_whatever_the_failure_knobs(
+    start: Any,
+) -> None:
+    backend, client = start(endpoints=["chat", "completions"], fail="hang", fail_count=1,
+                            latency_ms=60_000)  # fmt: skip
+    response = await client.embed()
+    assert response.code == 404
+    assert (await client.json(response))["error"]["code"] == "not_found"
+    assert backend.settings.fail == "hang" and backend.settings.fail_count == 1  # not used up
+    backend.configure(fail="500", latency_ms=0)
+    assert (await client.complete()).code == 500
+    assert (await client.complete()).code == 200
+
+    # Lacking every endpoint, and then serving them all again.
+    backend.configure(endpoints=[])
+    assert (await client.chat()).code == 404
+    backend.configure(endpoints=list(ENDPOINTS))
+    for endpoint in ENDPOINTS:
+        response = await client.infer(endpoint)
+        assert response.code == 200
+        await response.content()
+    assert (await client.get(EMBEDDINGS)).code == 405  # served: GET is the wrong method
+
+
+@pytest_twisted.ensureDeferred
+async def test_endpoint_knobs_over_the_control_api(start: Any) -> None:
+    backend, client = start()
+    config = await client.json(await client.get("/_mock/config"))
+    assert config["endpoints"] == ["chat", "completions", "embeddings"]
+    assert config["missing_endpoint_status"] == 404 and config["embedding_dimensions"] == 8
+    changes = {"endpoints": ["embeddings"], "missing_endpoint_status": 501,
+               "embedding_dimensions": 4}  # fmt: skip
+    config = await client.json(await client.post("/_mock/config", changes))
+    assert {name: config[name] for name in changes} == changes
+    assert (await client.chat()).code == 501
+    answer = await client.json(await client.embed())
+    assert len(answer["data"][0]["embedding"]) == 4
+    for bad in (
+        {"endpoints": ["chat", "images"]},
+        {"endpoints": "chat"},
+        {"endpoints": ["chat", "chat"]},
+        {"missing_endpoint_status": 400},
+        {"missing_endpoint_status": "404"},
+        {"missing_endpoint_status": 404.0},
+        {"embedding_dimensions": 0},
+    ):
+        response = await client.post("/_mock/config", bad)
+        assert response.code == 400
+        assert next(iter(bad)) in (await client.json(response))["error"]["message"]
+    assert backend.settings.endpoints == ["embeddings"]  # refused updates change nothing
+    assert backend.settings.missing_endpoint_status == 501
+    assert MISSING_ENDPOINT_STATUSES == (404, 405, 501)
 
 
 # -- bad requests ----------------------------------------------------------------------------
@@ -658,6 +1169,20 @@ def test_stream_pieces_spell_the_answer(name: str, chunks: int) -> None:
         assert pieces == ["Hello", " from", f" {name}"]
 
 
+@given(
+    item=st.text(max_size=40) | st.lists(st.integers(min_value=0, max_value=2**31), max_size=8),
+    dimensions=st.integers(min_value=1, max_value=64),
+)
+def test_embedding_vectors_are_deterministic_unit_float32(item: Any, dimensions: int) -> None:
+    vector = embedding_vector(item, dimensions)
+    assert len(vector) == dimensions
+    assert vector == embedding_vector(item, dimensions)
+    packed = struct.pack(f"<{dimensions}f", *vector)  # exact in float32: base64 loses nothing
+    assert list(struct.unpack(f"<{dimensions}f", packed)) == vector
+    assert math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-5)
+    assert all(-1.0 <= x <= 1.0 for x in vector)
+
+
 async def streamed_text(client: Client, model: str) -> str:
     """The ``delta.content`` of every event of one stream, joined."""
     raw = await (await client.chat(model=model, stream=True)).content()
@@ -688,6 +1213,11 @@ async def test_streamed_text_equals_the_non_streamed_text(start: Any) -> None:
             answer = await client.json(await client.chat(model=model))
             text = answer["choices"][0]["message"]["content"]
             assert await streamed_text(client, model) == text, knobs
+            # Legacy completions say the same, streamed or not.
+            answer = await client.json(await client.complete(model=model))
+            assert answer["choices"][0]["text"] == text, knobs
+            events = sse_json(await (await client.complete(model=model, stream=True)).content())
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text, knobs
         texts.append(text)
     assert texts[0] == "Hello from demo"  # what the demo answers, streamed or not
     assert texts[1] == ""  # no content events, no text
@@ -861,6 +1391,15 @@ async def test_every_header_of_its_own_is_named_x_mock(start: Any) -> None:
     heads.append((await exchange(backend, chat_request(close=True)))[0])
     backend.configure(fail=None, stream_framing="close")
     heads.append((await exchange(backend, chat_request(stream=True)))[0])
+    completion = json.dumps({"model": "mock-model", "prompt": "p", "stream": True}).encode()
+    embedding = json.dumps({"model": "mock-model", "input": "p"}).encode()
+    stream = raw_request(b"POST", COMPLETIONS.encode(), completion)
+    heads.append((await exchange(backend, stream))[0])
+    backend.configure(stream_framing="chunked", endpoints=["chat"], missing_endpoint_status=405)
+    embed = raw_request(b"POST", EMBEDDINGS.encode(), embedding, close=True)
+    heads.append((await exchange(backend, embed))[0])
+    backend.configure(endpoints=list(ENDPOINTS))
+    heads.append((await exchange(backend, embed))[0])
     names = {name.decode() for head in heads for name, _ in header_lines(head)}
     assert names - STANDARD_HEADERS == {"x-mock-backend", "x-mock-hop"}
 
@@ -930,6 +1469,13 @@ def test_settings_are_validated_on_every_assignment() -> None:
         ("stream_framing", None),
         ("first_token_delay_ms", -1),
         ("first_token_delay_ms", True),
+        ("endpoints", ["chat", "rerank"]),
+        ("endpoints", ("chat",)),
+        ("endpoints", ["embeddings", "embeddings"]),
+        ("missing_endpoint_status", 500),
+        ("missing_endpoint_status", True),
+        ("embedding_dimensions", 0),
+        ("embedding_dimensions", 2.0),
     ]:
         with pytest.raises(ValueError, match=name):
             setattr(settings, name, value)
@@ -940,6 +1486,9 @@ def test_settings_are_validated_on_every_assignment() -> None:
     assert STREAM_FRAMINGS == ("chunked", "close")
     assert MockSettings().stream_framing == "chunked"  # today's framing unless asked
     assert MockSettings().first_token_delay_ms == 0
+    assert MockSettings().endpoints == list(ENDPOINTS) == ["chat", "completions", "embeddings"]
+    assert MockSettings().missing_endpoint_status == 404
+    assert MockSettings().embedding_dimensions == 8
 
 
 def test_options() -> None:
@@ -947,17 +1496,24 @@ def test_options() -> None:
     options.parseOptions(
         ["--port", "0", "--models", "a, b", "--type", "ollama", "--fail", "stall",
          "--fail-count", "3", "--stream-delay-ms", "2.5", "--flap",
-         "--stream-framing", "close", "--first-token-delay-ms", "40"]
+         "--stream-framing", "close", "--first-token-delay-ms", "40",
+         "--endpoints", "chat, embeddings", "--missing-endpoint-status", "501",
+         "--embedding-dimensions", "16"]
     )  # fmt: skip
     settings = options["settings"]
     assert settings.models == ["a", "b"] and settings.type == "ollama"
     assert settings.fail == "stall" and settings.fail_count == 3
     assert settings.stream_delay_ms == 2.5 and settings.flap
     assert settings.stream_framing == "close" and settings.first_token_delay_ms == 40
+    assert settings.endpoints == ["chat", "embeddings"]
+    assert settings.missing_endpoint_status == 501 and settings.embedding_dimensions == 16
     service = makeService(options, reactor)
     assert service.backend.settings is settings and service.port_number == 0
 
     assert Options().parseOptions([]) is None  # defaults are valid
+    defaults = Options()
+    defaults.parseOptions([])
+    assert defaults["settings"] == MockSettings()
     for argv, message in [
         (["--type", "tgi"], "type must be one of"),
         (["--fail", "explode"], "fail must be one of"),
@@ -966,6 +1522,9 @@ def test_options() -> None:
         (["--port", "70000"], "port"),
         (["--stream-framing", "http2"], "--stream-framing must be one of chunked, close"),
         (["--first-token-delay-ms", "-1"], "--first-token-delay-ms must be a number >= 0"),
+        (["--endpoints", "chat,images"], "--endpoints must be a list of distinct names"),
+        (["--missing-endpoint-status", "500"], "--missing-endpoint-status must be one of 404"),
+        (["--embedding-dimensions", "0"], "--embedding-dimensions must be an integer >= 1"),
     ]:
         with pytest.raises(usage.UsageError, match=message):
             Options().parseOptions(argv)
@@ -1016,7 +1575,9 @@ class Twistd(protocol.ProcessProtocol):
 async def test_twistd_plugin_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     # twistd_env(): the repository root on PYTHONPATH, where Twisted finds twisted/plugins/.
     args = [*TWISTD, "--pidfile=", "-n", "nexus-mock", "--port", "0",
-            "--name", "proc", "--models", "p1,p2", "--type", "ollama"]  # fmt: skip
+            "--name", "proc", "--models", "p1,p2", "--type", "ollama",
+            "--endpoints", "chat,embeddings", "--missing-endpoint-status", "501",
+            "--embedding-dimensions", "3"]  # fmt: skip
     watcher = Twistd()
     process = reactor.spawnProcess(watcher, TWISTD[0], args, env=twistd_env(), path=str(tmp_path))
     try:
@@ -1030,6 +1591,13 @@ async def test_twistd_plugin_serves_and_stops_on_sigterm(tmp_path: Path) -> None
         assert answer["choices"][0]["message"]["content"] == "Hello from proc"
         tags = json.loads(await (await http.get(url + "/api/tags")).content())
         assert [m["name"] for m in tags["models"]] == ["p1", "p2"]
+        body = json.dumps({"model": "p1", "input": "x"}).encode()
+        embedded = json.loads(await (await http.post(url + EMBEDDINGS, data=body)).content())
+        assert embedded["data"][0]["embedding"] == embedding_vector("x", 3)
+        body = json.dumps({"model": "p1", "prompt": "x"}).encode()
+        response = await http.post(url + COMPLETIONS, data=body)
+        assert response.code == 501
+        await response.content()
     finally:
         if process.pid is not None:
             os.kill(process.pid, 15)  # SIGTERM, by the PID of the process this test started

@@ -1,7 +1,8 @@
 """A fake inference server for tests, benchmarks and the gateway's demo mode.
 
-OpenAI-compatible chat plus Ollama / llama.cpp / vLLM discovery, over real HTTP, with knobs
-(``MockSettings``) to make it slow, failing or broken in specific ways. Knobs change at runtime,
+OpenAI-compatible chat completions, legacy completions and embeddings plus Ollama / llama.cpp /
+vLLM discovery, over real HTTP, with knobs (``MockSettings``) to make it slow, failing, broken in
+specific ways or lacking an endpoint. Knobs change at runtime,
 in process (``MockBackend.configure``) or over HTTP (``POST /_mock/config``).
 
 In process::
@@ -18,13 +19,15 @@ Modules: ``settings`` (the knobs), ``bodies`` (what it answers), ``server`` (the
 
 from __future__ import annotations
 
-from nexus.testing.bodies import answer_text, stream_pieces
+from nexus.testing.bodies import answer_text, embedding_vector, stream_pieces
 from nexus.testing.plugin import MockService, Options, makeService
 from nexus.testing.server import MockBackend, listen_mock
 from nexus.testing.settings import (
     BACKEND_TYPES,
+    ENDPOINTS,
     FAIL_MODES,
     HUGE_LENGTH,
+    MISSING_ENDPOINT_STATUSES,
     SETTING_NAMES,
     STREAM_FRAMINGS,
     MockSettings,
@@ -32,8 +35,10 @@ from nexus.testing.settings import (
 
 __all__ = [
     "BACKEND_TYPES",
+    "ENDPOINTS",
     "FAIL_MODES",
     "HUGE_LENGTH",
+    "MISSING_ENDPOINT_STATUSES",
     "SETTING_NAMES",
     "STREAM_FRAMINGS",
     "MockBackend",
@@ -41,6 +46,7 @@ __all__ = [
     "MockSettings",
     "Options",
     "answer_text",
+    "embedding_vector",
     "listen_mock",
     "makeService",
     "stream_pieces",

@@ -10,7 +10,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from nexus.testing.server import MockBackend, ReactorLike
-from nexus.testing.settings import BACKEND_TYPES, FAIL_MODES, STREAM_FRAMINGS, MockSettings
+from nexus.testing.settings import (
+    BACKEND_TYPES,
+    ENDPOINTS,
+    FAIL_MODES,
+    MISSING_ENDPOINT_STATUSES,
+    STREAM_FRAMINGS,
+    MockSettings,
+)
 
 __all__ = ["MockService", "Options", "makeService"]
 
@@ -60,13 +67,28 @@ class Options(usage.Options):
         ["name", None, "mock", "Backend name (x-mock-backend header, answer text)."],
         ["models", None, "mock-model", "Comma-separated model names."],
         ["type", None, "openai", f"Server type: {'|'.join(BACKEND_TYPES)}."],
-        ["latency-ms", None, 0.0, "Delay before chat response headers (ms).", float],
+        ["latency-ms", None, 0.0, "Delay before inference response headers (ms).", float],
         ["stream-chunks", None, 5, "Content events per stream.", int],
         ["stream-delay-ms", None, 0.0, "Gap between stream events (ms).", float],
         ["first-token-delay-ms", None, 0.0, "Gap before a stream's first content (ms).", float],
         ["stream-framing", None, "chunked", f"Stream body framing: {'|'.join(STREAM_FRAMINGS)}."],
         ["fail", None, None, f"Failure mode: {'|'.join(FAIL_MODES)}."],
-        ["fail-count", None, -1, "Chat requests the failure applies to (-1 = all).", int],
+        ["fail-count", None, -1, "Inference requests the failure applies to (-1 = all).", int],
+        [
+            "endpoints",
+            None,
+            ",".join(ENDPOINTS),
+            f"Comma-separated inference endpoints served, out of {','.join(ENDPOINTS)}.",
+        ],
+        [
+            "missing-endpoint-status",
+            None,
+            404,
+            "Status of a request to an endpoint not served: "
+            f"{'|'.join(map(str, MISSING_ENDPOINT_STATUSES))}.",
+            int,
+        ],
+        ["embedding-dimensions", None, 8, "Floats per embedding vector.", int],
     ]
     optFlags = [
         ["health-fail", None, "Discovery/health endpoints answer 500."],
@@ -76,6 +98,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Build ``self["settings"]``, turning any invalid value into a UsageError."""
         models = [m.strip() for m in self["models"].split(",") if m.strip()]
+        endpoints = [e.strip() for e in self["endpoints"].split(",") if e.strip()]
         try:
             self["settings"] = MockSettings(
                 name=self["name"],
@@ -90,6 +113,9 @@ class Options(usage.Options):
                 fail_count=self["fail-count"],
                 health_fail=bool(self["health-fail"]),
                 flap=bool(self["flap"]),
+                endpoints=endpoints,
+                missing_endpoint_status=self["missing-endpoint-status"],
+                embedding_dimensions=self["embedding-dimensions"],
             )
         except ValueError as e:
             # Validator messages start with the setting's name: show it as the option.

@@ -28,13 +28,27 @@ from nexus.testing.bodies import (
     ERROR_HEALTH,
     HALF_EVENT,
     ID_PLACEHOLDER,
+    Refusal,
     check_chat_body,
+    check_completions_body,
+    check_embeddings_body,
     completion_body,
+    embeddings_body,
     endless_events,
     error,
+    missing_endpoint,
+    parse_inputs,
     stream_events,
+    text_completion_body,
+    text_stream_events,
 )
-from nexus.testing.settings import HUGE_LENGTH, RESET_AFTER_SECONDS, SETTING_NAMES, MockSettings
+from nexus.testing.settings import (
+    ENDPOINTS,
+    HUGE_LENGTH,
+    RESET_AFTER_SECONDS,
+    SETTING_NAMES,
+    MockSettings,
+)
 
 __all__ = [
     "DelayedCallLike",
@@ -45,8 +59,20 @@ __all__ = [
     "listen_mock",
 ]
 
-# How a chat request ended (see MockBackend.stats).
+# How an inference request ended (see MockBackend.stats).
 COMPLETED, DISCONNECTED, ABORTED = "completed", "disconnected", "aborted"
+
+# The inference endpoints (``MockSettings.endpoints``) and the endpoint of each path.
+CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
+_ENDPOINT_OF = {path.encode("ascii"): name for name, path in ENDPOINTS.items()}
+# Index of a stream's first content event: a chat stream starts with a role event.
+_FIRST_CONTENT = {CHAT: 1, COMPLETIONS: 0}
+# What "huge_length" writes of the body it announces.
+_HUGE_PREFIX = {
+    CHAT: b'{"id": "chatcmpl-',
+    COMPLETIONS: b'{"id": "cmpl-',
+    EMBEDDINGS: b'{"object": "list", ',
+}
 
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
@@ -101,7 +127,7 @@ def default_reactor() -> ReactorLike:
 
 
 class _MockRequest(server.Request):
-    """A request that reports the end of a chat request to the backend, however it ends.
+    """A request that reports the end of an inference request to the backend, however it ends.
 
     Finishing and losing the connection both pass through here, so the in-flight, completed
     and disconnect counts need no per-request Deferred, and a pending timer (latency, next
@@ -114,15 +140,15 @@ class _MockRequest(server.Request):
     mock_closing: bool = False
 
     def finish(self) -> None:
-        """Finish the response and count the chat request as completed."""
+        """Finish the response and count the inference request as completed."""
         super().finish()
         backend = self.mock_backend
         if backend is not None:
             self.mock_backend = None
-            backend._chat_ended(self, COMPLETED)
+            backend._inference_ended(self, COMPLETED)
 
     def connectionLost(self, reason: Failure) -> None:
-        """Cancel any pending timer and count the chat request as cut off."""
+        """Cancel any pending timer and count the inference request as cut off."""
         super().connectionLost(reason)
         timer = self.mock_timer
         if timer is not None:
@@ -132,7 +158,7 @@ class _MockRequest(server.Request):
         backend = self.mock_backend
         if backend is not None:
             self.mock_backend = None
-            backend._chat_ended(self, ABORTED if self.mock_closing else DISCONNECTED)
+            backend._inference_ended(self, ABORTED if self.mock_closing else DISCONNECTED)
 
 
 class _MockChannel(http.HTTPChannel):
@@ -215,6 +241,8 @@ class _MockResource(Resource):
         b = backend
         self.routes: dict[bytes, dict[bytes, Handler]] = {
             b"/v1/chat/completions": {b"POST": b._chat},
+            b"/v1/completions": {b"POST": b._completions},
+            b"/v1/embeddings": {b"POST": b._embeddings},
             b"/v1/models": {b"GET": b._models},
             b"/api/tags": {b"GET": b._tags},
             b"/health": {b"GET": b._health},
@@ -237,6 +265,10 @@ class _MockResource(Resource):
             return _not_found(request)
         handler = methods.get(request.method)
         if handler is None:
+            endpoint = _ENDPOINT_OF.get(request.path)
+            if endpoint is not None and endpoint not in self.backend.settings.endpoints:
+                # A server lacking the path says so whatever the method.
+                return self.backend._missing(request)
             request.responseHeaders.setRawHeaders(b"allow", [b", ".join(methods)])
             return _answer(request, 405, ERROR_405)
         return handler(request)
@@ -302,12 +334,12 @@ def _nothing(request: _MockRequest) -> None:
     """Leave the request open, saying nothing (hang, stall)."""
 
 
-def _huge_length(request: _MockRequest) -> None:
+def _huge_length(request: _MockRequest, prefix: bytes) -> None:
     request.setResponseCode(200)
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [_JSON])
     headers.setRawHeaders(b"content-length", [b"%d" % HUGE_LENGTH])
-    request.write(b'{"id": "chatcmpl-')
+    request.write(prefix)
 
 
 def _finish(request: _MockRequest) -> None:
@@ -427,13 +459,20 @@ class MockBackend:
     def stats(self) -> dict[str, Any]:
         """Counters since start (or the last reset), as ``GET /_mock/stats`` answers them.
 
-        ``disconnects`` counts chat requests whose client left before the response ended;
-        ``aborted`` those the mock cut off itself (reset, truncated, ``stop``).
+        ``requests_by_endpoint`` counts the POSTs to each inference endpoint (``chat``,
+        ``completions``, ``embeddings``), refused ones and those to an endpoint the mock lacks
+        included; ``chat_requests`` is its ``chat`` count. ``in_flight``, ``completed``,
+        ``disconnects`` (the client left before the response ended) and ``aborted`` (the mock
+        cut it off itself: reset, truncated, ``stop``) cover the requests of every inference
+        endpoint. ``last_request`` is the last inference request: its ``path``, ``endpoint``,
+        ``body`` (the JSON, or the text if it is not JSON) and ``headers``.
         """
         last: dict[str, Any] | None = None
         if self._last_request is not None:
-            body, headers = self._last_request
+            path, body, headers = self._last_request
             last = {
+                "path": path.decode("latin-1"),
+                "endpoint": _ENDPOINT_OF[path],
                 "body": body,
                 "headers": {
                     name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
@@ -442,6 +481,7 @@ class MockBackend:
             }
         return {
             "chat_requests": self.chat_requests,
+            "requests_by_endpoint": dict(self._requests),
             "in_flight": len(self._in_flight),
             "completed": self.completed,
             "disconnects": self.disconnects,
@@ -452,6 +492,11 @@ class MockBackend:
             "last_request": last,
         }
 
+    @property
+    def chat_requests(self) -> int:
+        """How many ``POST /v1/chat/completions`` requests came since start (or reset)."""
+        return self._requests[CHAT]
+
     def reset(self) -> None:
         """Zero the counters and forget the last request (settings are kept)."""
         self._reset_counters()
@@ -460,14 +505,14 @@ class MockBackend:
     # -- internals -------------------------------------------------------------------------
 
     def _reset_counters(self) -> None:
-        self.chat_requests = 0
+        self._requests = dict.fromkeys(ENDPOINTS, 0)
         self.completed = 0
         self.disconnects = 0
         self.aborted = 0
         self.health_checks = 0
-        self._last_request: tuple[Any, Any] | None = None
+        self._last_request: tuple[bytes, Any, Any] | None = None
 
-    def _chat_ended(self, request: _MockRequest, outcome: str) -> None:
+    def _inference_ended(self, request: _MockRequest, outcome: str) -> None:
         self._in_flight.discard(request)
         if outcome == COMPLETED:
             self.completed += 1
@@ -490,10 +535,20 @@ class MockBackend:
         request.mock_timer = None
         action(request)
 
-    # -- chat ------------------------------------------------------------------------------
+    # -- inference -------------------------------------------------------------------------
 
     def _chat(self, request: _MockRequest) -> object:
-        self.chat_requests += 1
+        return self._inference(request, CHAT)
+
+    def _completions(self, request: _MockRequest) -> object:
+        return self._inference(request, COMPLETIONS)
+
+    def _embeddings(self, request: _MockRequest) -> object:
+        return self._inference(request, EMBEDDINGS)
+
+    def _inference(self, request: _MockRequest, endpoint: str) -> object:
+        """What every inference request goes through: count, record, lack, fail, answer."""
+        self._requests[endpoint] += 1
         n = next(self._ids)
         request.mock_backend = self
         self._in_flight.add(request)
@@ -502,9 +557,12 @@ class MockBackend:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        self._last_request = (body, request.requestHeaders)
+        self._last_request = (request.path, body, request.requestHeaders)
         settings = self.settings
-        stream = isinstance(body, dict) and body.get("stream") is True
+        if endpoint not in settings.endpoints:
+            return self._missing(request)
+        # Embeddings never stream: "stream" in their body is ignored.
+        stream = endpoint != EMBEDDINGS and isinstance(body, dict) and body.get("stream") is True
         fail = settings.fail
         if fail is not None and settings.fail_count == 0:
             settings.fail, settings.fail_count = None, -1
@@ -514,38 +572,33 @@ class MockBackend:
                 if settings.fail_count == 0:
                     # This request is the last one the failure applies to.
                     settings.fail, settings.fail_count = None, -1
-            model = body.get("model") if isinstance(body, dict) else None
-            if not isinstance(model, str):
-                model = settings.models[0] if settings.models else "mock-model"
-            action = self._failure(fail, stream, model, n)
+            action = self._failure(fail, endpoint, stream, body, n)
             return self._later(request, settings.latency_ms, action)
-        refused = check_chat_body(body, settings.models)
+        if endpoint == CHAT:
+            refused = check_chat_body(body, settings.models)
+        elif endpoint == COMPLETIONS:
+            refused = check_completions_body(body, settings.models)
+        else:
+            refused = check_embeddings_body(body, settings.models)
         if refused is not None:
-            status, error_body = refused
-            return self._later(
-                request, settings.latency_ms, partial(_send, status=status, body=error_body)
-            )
+            return self._refuse(request, refused)
         model = body["model"]
         if stream:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            events = self._stream(model, usage, n)
+            events = self._stream(endpoint, model, usage, n)
             # Finishing also ends a close-delimited stream: its channel is not persistent.
-            play = partial(self._play, events=events, index=0, end=_finish)
+            play = partial(
+                self._start_play, events=events, end=_finish, first=_FIRST_CONTENT[endpoint]
+            )
             return self._later(request, settings.latency_ms, play)
-        key = (
-            model,
-            settings.name,
-            settings.stream_chunks,
-            settings.prompt_tokens,
-            settings.completion_tokens,
-        )
-        template = self._bodies.get(key)
-        if template is None:
-            if len(self._bodies) > 1000:
-                self._bodies.clear()
-            template = self._bodies[key] = completion_body(settings, model)
-        payload = template.replace(ID_PLACEHOLDER, b"%d" % n)
+        if endpoint == EMBEDDINGS:
+            # Checked above: the input is well formed.
+            inputs = parse_inputs(body["input"]) or []
+            encoding = "base64" if body.get("encoding_format") == "base64" else "float"
+            payload = embeddings_body(settings, model, inputs, encoding)
+        else:
+            payload = self._body(endpoint, model).replace(ID_PLACEHOLDER, b"%d" % n)
         if settings.latency_ms > 0:
             return self._later(
                 request, settings.latency_ms, partial(_send, status=200, body=payload)
@@ -554,9 +607,36 @@ class MockBackend:
         request.responseHeaders.setRawHeaders(b"content-type", [_JSON])
         return payload
 
-    def _stream(self, model: str, usage: bool, n: int) -> list[bytes]:
+    def _missing(self, request: _MockRequest) -> object:
+        """Answer as a server that lacks the requested endpoint."""
+        status = self.settings.missing_endpoint_status
+        if status == 405:
+            # An empty Allow: the resource allows no method (RFC 9110, 10.2.1).
+            request.responseHeaders.setRawHeaders(b"allow", [b""])
+        return _answer(request, status, missing_endpoint(status, request.path.decode("latin-1")))
+
+    def _refuse(self, request: _MockRequest, refusal: Refusal) -> object:
+        status, body = refusal
+        return self._later(
+            request, self.settings.latency_ms, partial(_send, status=status, body=body)
+        )
+
+    def _body(self, endpoint: str, model: str) -> bytes:
+        """The cached non-streamed chat or completions answer, with ``ID_PLACEHOLDER``."""
+        s = self.settings
+        key = (endpoint, model, s.name, s.stream_chunks, s.prompt_tokens, s.completion_tokens)
+        template = self._bodies.get(key)
+        if template is None:
+            if len(self._bodies) > 1000:
+                self._bodies.clear()
+            make = completion_body if endpoint == CHAT else text_completion_body
+            template = self._bodies[key] = make(s, model)
+        return template
+
+    def _stream(self, endpoint: str, model: str, usage: bool, n: int) -> list[bytes]:
         s = self.settings
         key = (
+            endpoint,
             model,
             usage,
             s.name,
@@ -569,9 +649,34 @@ class MockBackend:
         if events is None:
             if len(self._streams) > 1000:
                 self._streams.clear()
-            events = self._streams[key] = stream_events(s, model, usage)
+            make = stream_events if endpoint == CHAT else text_stream_events
+            events = self._streams[key] = make(s, model, usage)
         stream_id = b"%d" % n
         return [e.replace(ID_PLACEHOLDER, stream_id) for e in events]
+
+    def _start_play(
+        self,
+        request: _MockRequest,
+        events: list[bytes],
+        end: Callable[[_MockRequest], None],
+        first: int,
+    ) -> None:
+        """Start a 200 event stream, then play ``events`` (see ``_play``).
+
+        ``first`` is the index of the first content event: 1 after a chat stream's role event,
+        0 in a completions stream, whose headers then go out alone before the first-token wait.
+        """
+        request.mock_timer = None
+        settings = self.settings
+        _start_stream(request, settings.stream_framing)
+        delay = settings.first_token_delay_ms
+        if first == 0 and delay > 0:
+            request.write(b"")  # the headers, now
+            request.mock_timer = self.reactor.callLater(
+                delay / 1000.0, self._play, request, events, 0, end, first
+            )
+            return
+        self._play(request, events, 0, end, first)
 
     def _play(
         self,
@@ -579,26 +684,25 @@ class MockBackend:
         events: list[bytes],
         index: int,
         end: Callable[[_MockRequest], None],
+        first: int,
     ) -> None:
         """Write ``events[index:]`` one write each, then ``end``.
 
-        Events are ``stream_delay_ms`` apart, except that the second one (the first content
-        event) waits ``first_token_delay_ms`` when that is set.
+        Events are ``stream_delay_ms`` apart, except that the first content event (index
+        ``first``) waits ``first_token_delay_ms`` when that is set.
         """
         request.mock_timer = None
         settings = self.settings
-        if index == 0:
-            _start_stream(request, settings.stream_framing)
         first_token, gap = settings.first_token_delay_ms, settings.stream_delay_ms
         while index < len(events):
             request.write(events[index])
             index += 1
             if index == len(events):
                 break
-            delay = first_token if index == 1 and first_token > 0 else gap
+            delay = first_token if index == first and first_token > 0 else gap
             if delay > 0:
                 request.mock_timer = self.reactor.callLater(
-                    delay / 1000.0, self._play, request, events, index, end
+                    delay / 1000.0, self._play, request, events, index, end, first
                 )
                 return
         end(request)
@@ -609,8 +713,8 @@ class MockBackend:
         delay = max(self.settings.stream_delay_ms, 1.0) / 1000.0
         request.mock_timer = self.reactor.callLater(delay, self._endless, request, events)
 
-    def _failure(self, mode: str, stream: bool, model: str, n: int) -> Handler:
-        """The action that answers one chat request in failure ``mode``."""
+    def _failure(self, mode: str, endpoint: str, stream: bool, body: Any, n: int) -> Handler:
+        """The action that answers one inference request in failure ``mode``."""
         if mode == "500":
             return partial(_send, status=500, body=ERROR_500)
         if mode == "503":
@@ -620,26 +724,44 @@ class MockBackend:
         if mode == "invalid_json":
             return partial(_send, status=200, body=b"not json{")
         if mode == "huge_length":
-            return _huge_length
+            return partial(_huge_length, prefix=_HUGE_PREFIX[endpoint])
+        settings = self.settings
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str):
+            model = settings.models[0] if settings.models else "mock-model"
         if mode == "endless":
             if stream:
-                return partial(self._endless_stream, model=model)
+                return partial(self._endless_stream, model=model, chat=endpoint == CHAT)
             return self._endless_json
-        body = completion_body(self.settings, model).replace(ID_PLACEHOLDER, b"%d" % n)
-        events = self._stream(model, False, n) if stream else []
-        if mode == "reset":
-            if stream:
-                return partial(self._play, events=events[:1], index=0, end=self._abort_soon)
-            return partial(self._partial, body=body, end=self._abort_soon)
-        if mode == "stall":
-            if stream:
-                return partial(self._play, events=events[:2], index=0, end=_nothing)
-            return partial(self._partial, body=body, end=_nothing)
-        if mode == "truncated_sse":
-            if stream:
-                return partial(self._truncated_stream, events=[events[0], HALF_EVENT])
-            return partial(self._partial, body=body, end=_close)
+        if stream:
+            events = self._stream(endpoint, model, False, n)
+            first = _FIRST_CONTENT[endpoint]
+            if mode == "reset":
+                return partial(
+                    self._start_play, events=events[:1], end=self._abort_soon, first=first
+                )
+            if mode == "stall":
+                return partial(self._start_play, events=events[:2], end=_nothing, first=first)
+            if mode == "truncated_sse":
+                return partial(self._truncated_stream, events=[events[0], HALF_EVENT], first=first)
+        else:
+            whole = self._whole_body(endpoint, body, model, n)
+            if mode == "reset":
+                return partial(self._partial, body=whole, end=self._abort_soon)
+            if mode == "stall":
+                return partial(self._partial, body=whole, end=_nothing)
+            if mode == "truncated_sse":
+                return partial(self._partial, body=whole, end=_close)
         raise AssertionError(f"unhandled fail mode {mode!r}")
+
+    def _whole_body(self, endpoint: str, body: Any, model: str, n: int) -> bytes:
+        """The answer a failure cuts short: the request's own, as far as it is well formed."""
+        if endpoint != EMBEDDINGS:
+            return self._body(endpoint, model).replace(ID_PLACEHOLDER, b"%d" % n)
+        fields = body if isinstance(body, dict) else {}
+        inputs = parse_inputs(fields.get("input")) or [""]
+        encoding = "base64" if fields.get("encoding_format") == "base64" else "float"
+        return embeddings_body(self.settings, model, inputs, encoding)
 
     @staticmethod
     def _partial(request: _MockRequest, body: bytes, end: Callable[[_MockRequest], None]) -> None:
@@ -651,18 +773,18 @@ class MockBackend:
         request.write(body[: len(body) // 2])
         end(request)
 
-    def _truncated_stream(self, request: _MockRequest, events: list[bytes]) -> None:
+    def _truncated_stream(self, request: _MockRequest, events: list[bytes], first: int) -> None:
         if self.settings.stream_framing == "close":
             # Close-delimited: the connection ends mid-event, which is the whole body.
-            self._play(request, events, 0, _close)
+            self._start_play(request, events, _close, first)
             return
         # Tell the client the connection ends here, so no pool reuses it.
         request.responseHeaders.addRawHeader(b"connection", _CLOSE)
-        self._play(request, events, 0, _finish_close)
+        self._start_play(request, events, _finish_close, first)
 
-    def _endless_stream(self, request: _MockRequest, model: str) -> None:
+    def _endless_stream(self, request: _MockRequest, model: str, chat: bool) -> None:
         _start_stream(request, self.settings.stream_framing)
-        self._endless(request, endless_events(self.settings.name, model))
+        self._endless(request, endless_events(self.settings.name, model, chat))
 
     def _abort_soon(self, request: _MockRequest) -> None:
         request.mock_timer = self.reactor.callLater(RESET_AFTER_SECONDS, _abort, request)

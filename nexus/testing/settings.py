@@ -11,8 +11,10 @@ from nexus.config import BACKEND_TYPES
 
 __all__ = [
     "BACKEND_TYPES",
+    "ENDPOINTS",
     "FAIL_MODES",
     "HUGE_LENGTH",
+    "MISSING_ENDPOINT_STATUSES",
     "NON_STREAM_COMPLETION_TOKENS",
     "RESET_AFTER_SECONDS",
     "SETTING_NAMES",
@@ -32,6 +34,16 @@ FAIL_MODES = (
     "huge_length",
     "endless",
 )
+
+#: The inference endpoints, as ``MockSettings.endpoints`` names them, and their paths.
+ENDPOINTS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+#: Values of ``MockSettings.missing_endpoint_status``: how real servers say they lack a path.
+MISSING_ENDPOINT_STATUSES = (404, 405, 501)
 
 #: Values of ``MockSettings.stream_framing``: how a streamed body is delimited on the wire.
 STREAM_FRAMINGS = ("chunked", "close")
@@ -86,6 +98,28 @@ def _model_list(inst: object, attribute: attrs.Attribute[Any], value: object) ->
         raise ValueError(f"{attribute.name} must be a list of non-empty strings, got {value!r}")
 
 
+def _endpoint_list(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(e, str) and e in ENDPOINTS for e in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ValueError(
+            f"{attribute.name} must be a list of distinct names out of "
+            f"{', '.join(ENDPOINTS)}; got {value!r}"
+        )
+
+
+def _status(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value not in MISSING_ENDPOINT_STATUSES
+    ):
+        shown = ", ".join(str(s) for s in MISSING_ENDPOINT_STATUSES)
+        raise ValueError(f"{attribute.name} must be one of {shown}; got {value!r}")
+
+
 def _bool(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{attribute.name} must be true or false, got {value!r}")
@@ -96,25 +130,43 @@ class MockSettings:
     """The mock's knobs; mutable, and validated on every assignment.
 
     ``type`` decides which discovery endpoints answer (``/api/tags`` for ollama, ``/health`` for
-    llamacpp and vllm, ``/v1/models`` for all). ``latency_ms`` delays the headers of every chat
-    response, ``health_latency_ms`` those of every discovery response.
+    llamacpp and vllm, ``/v1/models`` for all). ``latency_ms`` delays the headers of every
+    inference response (chat, completions, embeddings), ``health_latency_ms`` those of every
+    discovery response.
 
-    The answer is ``Hello from <name>``, streamed or not: a stream cuts it into ``stream_chunks``
-    content events (three say ``Hello``, `` from``, `` <name>``; more cut the words, and past one
-    character each the rest are empty), so the streamed text equals the non-streamed one for the
-    same settings (with ``stream_chunks=0`` both are empty). ``stream_delay_ms`` spaces the
-    events of a stream.
-    ``first_token_delay_ms`` (stream only): the headers and an event with only
-    ``delta: {"role": "assistant"}`` go out at once, the first content event this long after
-    (then ``stream_delay_ms`` between events); 0 sends the role event with ``"content": ""``
-    and no extra wait.
+    Inference endpoints: ``POST /v1/chat/completions`` (``chat``), ``POST /v1/completions``
+    (``completions``, the legacy text completion) and ``POST /v1/embeddings`` (``embeddings``),
+    in the OpenAI shape. ``endpoints`` lists those the mock serves (default all three); a request
+    to one not listed gets ``missing_endpoint_status`` (404, 405 with an empty ``Allow``, or 501)
+    with an OpenAI error body (code ``not_found``, ``method_not_allowed`` or ``not_implemented``),
+    whatever its method, as a server lacking the path does. That answer comes at once: ``fail``
+    and ``latency_ms`` do not apply to it and it does not use up ``fail_count`` (it is still
+    counted in the stats).
+
+    The answer (chat and completions) is ``Hello from <name>``, streamed or not: a stream cuts
+    it into ``stream_chunks`` content events (three say ``Hello``, `` from``, `` <name>``; more
+    cut the words, and past one character each the rest are empty), so the streamed text equals
+    the non-streamed one for the same settings (with ``stream_chunks=0`` both are empty). A
+    completions answer has one choice, whatever the prompt (a list of prompts too).
+    ``stream_delay_ms`` spaces the events of a stream.
+    ``first_token_delay_ms`` (stream only): the headers go out at once (for chat with an event
+    with only ``delta: {"role": "assistant"}``), the first content event this long after (then
+    ``stream_delay_ms`` between events); 0 sends the first content event (for chat a role event
+    with ``"content": ""`` first) with no extra wait. A completions stream has no role event.
     ``stream_framing``: ``"chunked"`` sends a streamed body with ``Transfer-Encoding: chunked``;
     ``"close"`` sends it close-delimited (``Connection: close``, neither Content-Length nor
     Transfer-Encoding, the body ends when the mock closes the connection), as HTTP/1.0 and many
     small servers do.
 
-    ``fail`` makes ``POST /v1/chat/completions`` misbehave, for the next ``fail_count`` chat
-    requests (then it clears itself; -1 = until changed):
+    Embeddings: one vector of ``embedding_dimensions`` floats per input (a string, or a list of
+    token ids), derived from a hash of the input alone (same input, same vector, whatever the
+    model or the request), of unit length, and exact in float32, so ``encoding_format:
+    "base64"`` (little-endian float32, what the ``openai`` SDK asks for by default) decodes to
+    the very floats ``"float"`` sends. ``usage.prompt_tokens`` is ``prompt_tokens`` per input.
+
+    ``fail`` makes the inference endpoints misbehave, all alike, for the next ``fail_count``
+    inference requests (then it clears itself; -1 = until changed); embeddings never stream,
+    so they get the non-stream behaviour:
 
     - ``"500"`` / ``"503"``: that status with an OpenAI error body.
     - ``"hang"``: never answer; the request stays open until the client leaves.
@@ -135,6 +187,8 @@ class MockSettings:
     ``health_fail`` makes discovery endpoints answer 500; ``flap`` makes each discovery path
     alternate success / 500 on every probe (first one succeeds; paths alternate independently,
     so a check that probes two paths sees both succeed or both fail).
+    ``prompt_tokens`` is ``usage.prompt_tokens`` of a chat or completions answer (whatever the
+    prompt) and of each embeddings input.
     ``completion_tokens`` overrides ``usage.completion_tokens``; by default it is the number of
     content events (``stream_chunks``) for a stream and 5 otherwise.
 
@@ -157,6 +211,9 @@ class MockSettings:
     health_latency_ms: float = attrs.field(default=0.0, validator=_non_negative)
     prompt_tokens: int = attrs.field(default=10, validator=_int_at_least(0))
     completion_tokens: int | None = attrs.field(default=None, validator=_optional_count)
+    embedding_dimensions: int = attrs.field(default=8, validator=_int_at_least(1))
+    endpoints: list[str] = attrs.field(factory=lambda: list(ENDPOINTS), validator=_endpoint_list)
+    missing_endpoint_status: int = attrs.field(default=404, validator=_status)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (what ``GET /_mock/config`` answers)."""
