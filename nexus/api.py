@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from klein import Klein
@@ -20,18 +21,17 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from nexus import __version__
 from nexus.access import AccessPolicy
 from nexus.admission import Admission
-from nexus.errors import InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
+from nexus.endpoints import ENDPOINTS, Endpoint
+from nexus.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized
 from nexus.metrics import MetricsCollector, MetricsResource, StatsResource
-from nexus.proxy import ChatCompletions, requested_model
+from nexus.proxy import InferenceProxy, requested_model
 from nexus.registry import HEALTHY, Backend, BackendRegistry, format_timestamp
 from nexus.requestlog import HISTORY_SIZE, RequestLog
 from nexus.routing import Router
 from nexus.server import Exchange, Handler, NexusRequest, Outcome, error_response
 
-CHAT_PATH = b"/v1/chat/completions"
-
 #: Paths whose requests are inference requests, counted in the metrics.
-INFERENCE_PATHS = frozenset({CHAT_PATH})
+INFERENCE_PATHS = frozenset(ENDPOINTS)
 
 
 def _json(request: Request, status: int, payload: object) -> bytes:
@@ -49,7 +49,7 @@ class NexusAPI:
         self,
         registry: BackendRegistry,
         router: Router,
-        chat: ChatCompletions,
+        proxy: InferenceProxy,
         collector: MetricsCollector,
         admission: Admission,
         request_log: RequestLog,
@@ -62,7 +62,7 @@ class NexusAPI:
         self.admission = admission
         self.registry = registry
         self.router = router
-        self.chat = chat
+        self.proxy = proxy
         self.collector = collector
         self.now = now
         self.wall_clock = wall_clock
@@ -71,14 +71,16 @@ class NexusAPI:
         self.metrics_resource = MetricsResource(collector)
         self.stats_resource = StatsResource(collector)
         #: The handler of each inference path.
-        self.inference: dict[bytes, Handler] = {CHAT_PATH: self.chat_completions}
+        self.inference: dict[bytes, Handler] = {
+            path: partial(self.infer, endpoint) for path, endpoint in ENDPOINTS.items()
+        }
 
     # -- inference ---------------------------------------------------------------
 
-    async def chat_completions(self, exchange: Exchange) -> Outcome:
-        """``POST /v1/chat/completions``: admitted, then proxied."""
+    async def infer(self, endpoint: Endpoint, exchange: Exchange) -> Outcome:
+        """``POST`` to an inference endpoint: admitted, then proxied."""
         self._admit(exchange)
-        return await self.chat.handle(exchange)
+        return await self.proxy.handle(exchange, endpoint)
 
     def _admit(self, exchange: Exchange) -> None:
         """Refuse an exchange that lacks a key, or that the gateway cannot take now."""
@@ -96,8 +98,27 @@ class NexusAPI:
         """Models servable now, plus aliases whose target is servable."""
         if not self.access.allows_api(request.requestHeaders.getRawHeaders(b"authorization")):
             return error_response(request, Unauthorized("Missing or invalid API key."))
-        available = self.registry.available_models()
-        entries = {
+        entries = self._model_entries()
+        data = [entries[k] for k in sorted(entries)]
+        return _json(request, 200, {"object": "list", "data": data})
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def model(self, request: Any, model_id: str) -> bytes:
+        """One model as ``/v1/models`` lists it (aliases too), or 404 ``model_not_found``."""
+        if not self.access.allows_api(request.requestHeaders.getRawHeaders(b"authorization")):
+            return error_response(request, Unauthorized("Missing or invalid API key."))
+        entry = self._model_entries().get(model_id)
+        if entry is None:
+            shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."
+            return error_response(request, ModelNotFound(
+                f"The model '{shown}' is not served now; GET /v1/models lists those that are.",
+                param="model",
+            ))
+        return _json(request, 200, entry)
+
+    def _model_entries(self) -> dict[str, dict[str, Any]]:
+        """Every model servable now, and every alias whose target is, by id."""
+        entries: dict[str, dict[str, Any]] = {
             model: {
                 "id": model,
                 "object": "model",
@@ -105,12 +126,11 @@ class NexusAPI:
                 "owned_by": "nexus",
                 "backends": backends,
             }
-            for model, backends in available.items()
+            for model, backends in self.registry.available_models().items()
         }
         for alias, target in self.registry.available_aliases().items():
             entries.setdefault(alias, {**entries[target], "id": alias, "alias_of": target})
-        data = [entries[k] for k in sorted(entries)]
-        return _json(request, 200, {"object": "list", "data": data})
+        return entries
 
     @app.route("/health", methods=["GET"])
     def health(self, request: Any) -> bytes:

@@ -148,6 +148,7 @@ class HealthPoller:
         backend.consecutive_successes += 1
         if models is not None:
             self.registry.set_models(backend, models)
+            backend.missing_endpoints.clear()  # a new discovery: try every endpoint again
         if backend.status == UNKNOWN or (
             backend.status == UNHEALTHY
             and backend.consecutive_successes >= self.config.recovery_threshold

@@ -1,4 +1,4 @@
-"""Forwarding one chat completion: validate, route, try candidates, return the outcome.
+"""Forwarding one inference request: validate, route, try candidates, return the outcome.
 
 Data flows one way: the server layer hands an exchange here, the router
 picks the candidates, each attempt goes upstream through the shared Agent,
@@ -28,16 +28,16 @@ from twisted.web.iweb import IResponse
 
 from nexus import sse
 from nexus._twisted import connection_header_names
+from nexus.endpoints import MISSING_ENDPOINT, Endpoint
 from nexus.errors import (
     BadGateway,
     GatewayError,
     GatewayTimeout,
-    InvalidRequest,
     PayloadTooLarge,
     UpstreamParseError,
 )
 from nexus.registry import Backend
-from nexus.routing import RouteDecision, Router, request_needs
+from nexus.routing import RouteDecision, Router
 from nexus.server import Exchange, Outcome, Reply, Stream
 from nexus.tracking import RequestRecord
 from nexus.upstream import (
@@ -57,24 +57,6 @@ log = Logger()
 _NOT_COPIED = HOP_BY_HOP | {b"content-length", b"date", b"server"}
 
 _JSON = b"application/json"
-
-
-def parse_chat_request(body: bytes) -> dict[str, Any]:
-    """Decode and check a chat completion body; raise InvalidRequest with the reason."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    except RecursionError:
-        raise InvalidRequest("The request body is nested too deeply.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a non-empty string.", "model")
-    if not isinstance(payload.get("messages"), list):
-        raise InvalidRequest("'messages' is required and must be a list.", "messages")
-    return payload
 
 
 def requested_model(body: bytes) -> str | None:
@@ -278,8 +260,10 @@ class _Target:
     backend_header: tuple[bytes, Sequence[bytes]]
 
     @classmethod
-    def for_backend(cls, backend: Backend, environ: Mapping[str, str]) -> _Target:
-        url = (backend.config.url + "/v1/chat/completions").encode("ascii")
+    def for_backend(
+        cls, backend: Backend, endpoint: Endpoint, environ: Mapping[str, str]
+    ) -> _Target:
+        url = backend.config.url.encode("ascii") + endpoint.path
         parsed = URI.fromBytes(url)
         host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
         if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
@@ -312,8 +296,17 @@ class _Lease:
         return result
 
 
-class ChatCompletions:
-    """The handler of ``POST /v1/chat/completions``: an exchange in, an outcome out."""
+class _EndpointMissing(Exception):
+    """The backend answered 404, 405 or 501 for an optional endpoint: it lacks it."""
+
+
+class InferenceProxy:
+    """Serves every inference endpoint: an exchange in, an outcome out.
+
+    Validate the body for its endpoint, route, try the candidates (skipping a
+    backend that lacks an optional endpoint, and remembering that until its
+    next successful model discovery), and return the answer as an outcome.
+    """
 
     def __init__(
         self,
@@ -337,13 +330,13 @@ class ChatCompletions:
         self.max_retries = max_retries
         self.now = now
         self.environ = environ
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[tuple[str, str], _Target] = {}
 
-    def _target(self, backend: Backend) -> _Target:
-        target = self._targets.get(backend.name)
+    def _target(self, backend: Backend, endpoint: Endpoint) -> _Target:
+        key = (backend.name, endpoint.name)
+        target = self._targets.get(key)
         if target is None:
-            target = _Target.for_backend(backend, self.environ)
-            self._targets[backend.name] = target
+            target = self._targets[key] = _Target.for_backend(backend, endpoint, self.environ)
         return target
 
     @staticmethod
@@ -355,20 +348,21 @@ class ChatCompletions:
             headers.setRawHeaders(b"authorization", call.authorization)
         return headers
 
-    async def handle(self, exchange: Exchange) -> Outcome:
-        """Answer one request; a failure before any answer is a GatewayError."""
+    async def handle(self, exchange: Exchange, endpoint: Endpoint) -> Outcome:
+        """Answer one request to ``endpoint``; a failure before any answer is a GatewayError."""
         deadline = self.now() + self.request_timeout
         record = exchange.record
+        record.endpoint = endpoint.name
         body = exchange.body
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes.")
-        payload = parse_chat_request(body)
+        payload = endpoint.parse(body)
         requested = payload["model"]
         record.model = requested
-        record.stream = stream = payload.get("stream") is True
+        record.stream = stream = endpoint.streams and payload.get("stream") is True
         if self.content_preview:
             record.prompt_preview = prompt_preview(payload)
-        decision = self.router.decide(requested, request_needs(payload))
+        decision = self.router.decide(requested, endpoint.needs(payload))
         record.actual_model = decision.model
         record.route_reason = decision.route_reason
         if decision.fallback_from is not None:
@@ -378,15 +372,26 @@ class ChatCompletions:
             payload["model"] = decision.model
             # ASCII-escaped: a lone surrogate from the client survives re-encoding.
             body = json.dumps(payload).encode("utf-8")
+        candidates = decision.candidates
+        if endpoint.optional:
+            # Backends known to lack the endpoint go last... or not at all, when others exist.
+            candidates = tuple(
+                b for b in candidates if endpoint.name not in b.missing_endpoints
+            ) or candidates
         call = _Call(
-            decision, body, stream, exchange.authorization, record.request_id.encode("ascii")
+            endpoint, decision, candidates, body, stream, exchange.authorization,
+            record.request_id.encode("ascii"),
         )
         return await self._forward(record, call, deadline)
 
     async def _forward(self, record: RequestRecord, call: _Call, deadline: float) -> Outcome:
         last: GatewayError | None = None
         failed_on: list[str] = []
-        for backend in call.decision.candidates[: 1 + self.max_retries]:
+        attempts_left = 1 + self.max_retries  # a backend lacking the endpoint costs none
+        candidates = call.candidates
+        for index, backend in enumerate(candidates):
+            if attempts_left == 0:
+                break
             remaining = deadline - self.now()
             if remaining <= 0:
                 last = GatewayTimeout("The request timed out.")
@@ -401,8 +406,20 @@ class ChatCompletions:
                 )
             lease = _Lease(backend, self.now)
             timer = Deadline(self.clock, remaining)
+            can_skip = index < len(candidates) - 1
             try:
-                outcome = await self._attempt(record, call, backend, timer, lease)
+                outcome = await self._attempt(record, call, backend, timer, lease, can_skip)
+            except _EndpointMissing:
+                lease.release()
+                backend.missing_endpoints.add(call.endpoint.name)
+                failed_on.append(backend.name)
+                log.info(
+                    "request {request_id}: {backend} lacks {path}; trying the next backend",
+                    request_id=record.request_id,
+                    backend=backend.name,
+                    path=call.endpoint.path.decode(),
+                )
+                continue
             except _AttemptFailed as failed:
                 lease.release()
                 if record.client_gone:
@@ -411,6 +428,7 @@ class ChatCompletions:
                     raise CancelledError() from None
                 last = failed.error
                 failed_on.append(backend.name)
+                attempts_left -= 1
                 log.info(
                     "request {request_id}: attempt on {backend} failed: {why}",
                     request_id=record.request_id,
@@ -437,9 +455,15 @@ class ChatCompletions:
         return Reply.error(error, headers)
 
     async def _attempt(
-        self, record: RequestRecord, call: _Call, backend: Backend, timer: Deadline, lease: _Lease
+        self,
+        record: RequestRecord,
+        call: _Call,
+        backend: Backend,
+        timer: Deadline,
+        lease: _Lease,
+        can_skip: bool,
     ) -> Outcome:
-        target = self._target(backend)
+        target = self._target(backend, call.endpoint)
         try:
             response: IResponse = await timer.watch(
                 self.agent.request(
@@ -458,7 +482,13 @@ class ChatCompletions:
                 BadGateway(f"Backend '{backend.name}' is unreachable ({type(e).__name__}).")
             ) from None
         code = response.code
-        if code >= 500:
+        # A backend lacking an optional endpoint: the next candidate, or, when it is the
+        # last, its answer passed through like a backend's 4xx (even a 501).
+        lacks_endpoint = call.endpoint.optional and code in MISSING_ENDPOINT
+        if lacks_endpoint and can_skip:
+            discard_body(response)
+            raise _EndpointMissing()
+        if code >= 500 and not lacks_endpoint:
             discard_body(response)
             raise _AttemptFailed(BadGateway(f"Backend '{backend.name}' answered {code}."))
         # A backend that answers a stream request with plain JSON is read as JSON.
@@ -508,7 +538,9 @@ class ChatCompletions:
 class _Call:
     """What every attempt of one request sends: the route, the body, the mode, the key."""
 
+    endpoint: Endpoint
     decision: RouteDecision
+    candidates: tuple[Backend, ...]
     body: bytes
     stream: bool
     authorization: list[bytes] | None

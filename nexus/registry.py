@@ -63,6 +63,9 @@ class Backend:
     avg_latency_ms: float | None = None
     last_error: str | None = None
     source: str = SOURCE_CONFIG
+    #: Optional endpoints (``completions``, ``embeddings``) this backend answered
+    #: 404/405/501 for: skipped for them until its next successful model discovery.
+    missing_endpoints: set[str] = attrs.field(factory=set)
     last_check: float | None = None
 
     def __attrs_post_init__(self) -> None:

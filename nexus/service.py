@@ -35,7 +35,7 @@ from nexus.health import HealthPoller, HealthService
 from nexus.logs import install as install_observer
 from nexus.logs import observer_for
 from nexus.metrics import MetricsCollector
-from nexus.proxy import ChatCompletions
+from nexus.proxy import InferenceProxy
 from nexus.registry import HEALTHY, BackendRegistry
 from nexus.requestlog import RequestLog
 from nexus.routing import Router, unserved_targets
@@ -146,7 +146,7 @@ def build_gateway(
         collector.record_health_check,
         environ=environ,
     )
-    chat = ChatCompletions(
+    proxy = InferenceProxy(
         router,
         upstream,
         reactor,
@@ -162,7 +162,7 @@ def build_gateway(
     api = NexusAPI(
         registry,
         router,
-        chat,
+        proxy,
         collector,
         admission,
         request_log,

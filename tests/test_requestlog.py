@@ -351,3 +351,26 @@ async def test_a_log_destination_that_fails_never_fails_requests(
     [dropped] = [line for line in metrics.splitlines()
                  if line.startswith("nexus_log_events_dropped_total ")]
     assert float(dropped.split()[1]) >= 5  # every request event, at least
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_preview_goes_to_the_log_only(cleanup: Cleanup, logged: LogCapture) -> None:
+    mock = start_mock("one", ["m"])
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    await (await gw.chat()).content()
+    assert "prompt_preview" not in logged.requests()[0]  # off by default
+    gw.gateway.api.proxy.content_preview = True  # [logging] content_preview = true
+    messages = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": [{"type": "text", "text": "z" * 150}]},
+    ]
+    response = await gw.client.post(
+        gw.url + "/v1/chat/completions",
+        data=json.dumps({"model": "m", "messages": messages}).encode(),
+    )
+    await response.content()
+    assert logged.requests()[1]["prompt_preview"] == "z" * 100  # the last user message, cut
+    history = await gw.get_json("/v1/history")
+    assert all("prompt_preview" not in event for event in history["data"])

@@ -203,6 +203,9 @@ async def test_soak(tmp_path: Path) -> None:
         await assert_metrics_match(gateway, before, soak.tally)
         stats_after = (await gateway.get_json("/v1/stats"))["requests"]["total"]
         assert stats_after - stats_before == sent
+        # the request history is a ring: the last 100 events, whatever ran before
+        history = (await gateway.get_json("/v1/history"))["data"]
+        assert len(history) == min(100, warm_up + sent)
         end_rss, end_fds = gateway.rss_kb(), await settled_fds(gateway)
         line = (
             f"nexus-soak: requests={sent}/{REQUESTS} seconds={elapsed:.1f} "

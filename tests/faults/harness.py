@@ -457,11 +457,23 @@ async def chat(
 
     ``agent`` (the gateway's own by default) bounds the wait for the answer and for its body.
     """
+    return await post(gateway, "/v1/chat/completions", chat_body(model, stream),
+                      leave_after=leave_after, agent=agent)
+
+
+async def post(
+    gateway: GatewayProcess,
+    path: str,
+    body: bytes,
+    leave_after: int | None = None,
+    agent: DeadlineAgent | None = None,
+) -> Seen:
+    """POST ``body`` to ``path``; with ``leave_after`` the client leaves after that many events."""
     response = await (agent or gateway.agent).request(
         b"POST",
-        (gateway.url + "/v1/chat/completions").encode(),
+        (gateway.url + path).encode(),
         Headers({b"content-type": [b"application/json"]}),
-        BytesProducer(chat_body(model, stream)),
+        BytesProducer(body),
     )
     done: Deferred[tuple[bytes, bool]] = Deferred()
     response.deliverBody(_Collect(done, leave_after))

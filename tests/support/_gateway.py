@@ -72,12 +72,17 @@ class RunningGateway:
             headers={"Content-Type": "application/json", **(headers or {})},
         )
 
-    async def stream_then_leave(self, model: str, events: int = 3) -> None:
+    async def stream_then_leave(
+        self,
+        model: str,
+        events: int = 3,
+        path: str = "/v1/chat/completions",
+        payload: dict[str, Any] | None = None,
+    ) -> None:
         """Open a stream, read ``events`` events, then close the connection (a client leaving)."""
+        body = payload or {"model": model, "messages": [], "stream": True}
         response = await self.client.post(
-            self.url + "/v1/chat/completions",
-            data=json.dumps({"model": model, "messages": [], "stream": True}).encode(),
-            unbuffered=True,
+            self.url + path, data=json.dumps(body).encode(), unbuffered=True
         )
         assert response.code == 200
         body = _Events()
