@@ -60,15 +60,16 @@ def request_event(record: RequestRecord) -> dict[str, Any]:
 
 
 def summary(event: dict[str, Any]) -> str:
-    """One readable line: id, model -> backend, status, time (and what went wrong)."""
+    """One readable line: id, endpoint, model -> backend, status, time (and what went wrong)."""
     line = (
-        f"{event['request_id']} {event['model'] or '-'} -> {event['backend'] or '-'}"
-        f" {event['status_code']} {event['latency_ms']:.1f} ms"
+        f"{event['request_id']} {event['endpoint']} {event['model'] or '-'}"
+        f" -> {event['backend'] or '-'} {event['status_code']} {event['latency_ms']:.1f} ms"
     )
     if event["ttft_ms"] is not None:
         line += f" (ttft {event['ttft_ms']:.1f} ms)"
-    if event["retry_count"]:
-        line += f" after {event['retry_count']} retries"
+    retries = event["retry_count"]
+    if retries:
+        line += f" after {retries} {'retry' if retries == 1 else 'retries'}"
     if event["status"] != "success":
         line += f" {event['error_type']}: {event['error_message']}"
     # Names and messages can come from clients: one event is always one line.

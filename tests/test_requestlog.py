@@ -237,7 +237,7 @@ def test_a_summary_line_is_one_line() -> None:
     record.finish(404, 0.002)
     line = summary(request_event(record))
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
-    assert line.startswith("r evil name") and "404" in line
+    assert line.startswith("r chat evil name") and "404" in line
 
 
 @pytest_twisted.ensureDeferred
