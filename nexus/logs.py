@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
-import attrs
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -300,12 +299,32 @@ def _reason(error: Exception) -> str:
 # ---- the observer, and twistd
 
 
-@attrs.frozen
 class GatewayLog:
-    """The gateway's log observer, and the destination it writes to (for its ``dropped``)."""
+    """The gateway's log observer, the destination it writes to, and its settings.
 
-    observer: ILogObserver
-    destination: LogDestination
+    The format and the level can change while the gateway runs (a configuration
+    reload): ``reconfigure`` swaps them between two events.
+    """
+
+    def __init__(self, destination: LogDestination, config: LoggingConfig) -> None:
+        self.destination = destination
+        self._line = _line_for(config)
+        self._level = LogLevelFilterPredicate(LogLevel.levelWithName(config.level))
+        # FileLogObserver only calls write() and flush(): a LogDestination is file enough.
+        writer = FileLogObserver(cast(IO[Any], destination), self._format)
+        self.observer = cast(ILogObserver, FilteringLogObserver(writer, [self._level]))
+
+    def _format(self, event: LogEvent) -> str | None:
+        return self._line(event)
+
+    def reconfigure(self, config: LoggingConfig) -> None:
+        """Write in ``config``'s format, at ``config``'s level, from the next event on."""
+        self._line = _line_for(config)
+        self._level.setLogLevelForNamespace("", LogLevel.levelWithName(config.level))
+
+
+def _line_for(config: LoggingConfig) -> Callable[[LogEvent], str | None]:
+    return json_line if config.format == "json" else text_line
 
 
 def make_observer(destination: LogDestination, config: LoggingConfig) -> ILogObserver:
@@ -313,11 +332,7 @@ def make_observer(destination: LogDestination, config: LoggingConfig) -> ILogObs
 
     Lines are ``json_line`` or ``text_line`` as ``config.format`` says.
     """
-    line = json_line if config.format == "json" else text_line
-    # FileLogObserver only calls write() and flush(): a LogDestination is file enough.
-    writer = FileLogObserver(cast(IO[Any], destination), line)
-    level = LogLevelFilterPredicate(LogLevel.levelWithName(config.level))
-    return cast(ILogObserver, FilteringLogObserver(writer, [level]))
+    return GatewayLog(destination, config).observer
 
 
 def observer_for(options: Mapping[str, Any], config: LoggingConfig) -> GatewayLog | None:
@@ -346,7 +361,7 @@ def observer_for(options: Mapping[str, Any], config: LoggingConfig) -> GatewayLo
             raise SystemExit(f"nexus: cannot open the log file {name!r}: {reason}") from None
         _rotate_on_sigusr1(log_file)
         destination = LogDestination(log_file, log_file.path)
-    return GatewayLog(make_observer(destination, config), destination)
+    return GatewayLog(destination, config)
 
 
 def _rotate_on_sigusr1(log_file: LogFile) -> None:

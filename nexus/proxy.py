@@ -332,6 +332,10 @@ class InferenceProxy:
         self.environ = environ
         self._targets: dict[tuple[str, str], _Target] = {}
 
+    def forget_targets(self) -> None:
+        """Drop the per-backend request templates (a reload may change urls and keys)."""
+        self._targets.clear()
+
     def _target(self, backend: Backend, endpoint: Endpoint) -> _Target:
         key = (backend.name, endpoint.name)
         target = self._targets.get(key)

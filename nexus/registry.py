@@ -182,6 +182,32 @@ class BackendRegistry:
         self.reindex()
         return backend
 
+    def reconfigure(self, backend: Backend, config: BackendConfig) -> None:
+        """Give a registered backend a changed configuration (a reload), keeping its state.
+
+        A new url is another server: its status goes back to ``unknown`` until checked.
+        """
+        if config.url != backend.config.url:
+            backend.status = UNKNOWN
+            backend.consecutive_failures = backend.consecutive_successes = 0
+            backend.models = frozenset()
+        floor_before = frozenset(backend.config.models)
+        backend.config = config
+        backend.models = (backend.models - floor_before) | frozenset(config.models)
+        self.reindex()
+
+    def set_routing(
+        self, aliases: Mapping[str, str], fallbacks: Mapping[str, Iterable[str]]
+    ) -> None:
+        """Replace the aliases and fallbacks (a reload); known models follow."""
+        self.aliases = dict(aliases)
+        self.fallbacks = {k: tuple(v) for k, v in fallbacks.items()}
+        names = frozenset(self.aliases) | frozenset(self.aliases.values())
+        for model, chain in self.fallbacks.items():
+            names |= {model, *chain}
+        self._routing_names = names
+        self.reindex()
+
     def reindex(self) -> None:
         """Recompute ``by_model`` and ``known_models`` after a model list changed."""
         index: dict[str, list[Backend]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.python import usage
 
 import twisted
@@ -32,11 +33,12 @@ from nexus.config import (
     load_config,
 )
 from nexus.health import HealthPoller, HealthService
+from nexus.logs import GatewayLog, observer_for
 from nexus.logs import install as install_observer
-from nexus.logs import observer_for
 from nexus.metrics import MetricsCollector
 from nexus.proxy import InferenceProxy
 from nexus.registry import HEALTHY, BackendRegistry
+from nexus.reload import Reload
 from nexus.requestlog import RequestLog
 from nexus.routing import Router, unserved_targets
 from nexus.server import NexusSite
@@ -217,6 +219,8 @@ class GatewayService(MultiService):
     other children in reverse order.
     """
 
+    _previous_sighup: Any = None
+
     def __init__(self, gateway: Gateway, reactor: Any, demo: bool = False) -> None:
         super().__init__()
         self.gateway = gateway
@@ -235,16 +239,34 @@ class GatewayService(MultiService):
         self.listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
         self.listener.setName("http")
         self.listener.setServiceParent(self)
-        #: The log observer twistd should use (``[logging]``), set by ``makeService``.
-        self.log_observer: ILogObserver | None = None
+        #: The log twistd should use (``[logging]``), set by ``makeService``.
+        self.log_setup: GatewayLog | None = None
+        #: Re-reads the configuration file on SIGHUP (``nexus reload``).
+        self.reload = Reload(gateway, path=None, restart_health=self._restart_health)
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes the application, adds this service, then starts logging with the
         # application's ILogObserver component when it has one (Twisted's documented way
         # to choose twistd's log observer).
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            install_observer(parent, self.log_observer)
+        if self.log_setup is not None and hasattr(parent, "setComponent"):
+            install_observer(parent, self.log_setup.observer)
         super().setServiceParent(parent)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        # A signal handler runs between two bytecodes of whatever the reactor was doing:
+        # the reload itself runs on the reactor, between two events.
+        self.reactor.callFromThread(self.reload)
+
+    def _restart_health(self, interval: float) -> None:
+        """Run the health checks every ``interval`` seconds from now (a reload)."""
+        health = self.getServiceNamed("health")
+
+        def restart(_: object) -> None:
+            health.step = interval
+            if self.running:
+                health.startService()
+
+        maybeDeferred(health.stopService).addCallback(restart)
 
     def privilegedStartService(self) -> None:
         try:
@@ -256,6 +278,8 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.reactor.callWhenRunning(_freeze_startup_objects)
+        if hasattr(signal, "SIGHUP"):
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.gateway.config.health_check.enabled:
             # The fleet's models are known once the first round of checks is over.
             self.gateway.poller.first_round.addCallback(lambda _: self._warn_unserved())
@@ -294,6 +318,8 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if hasattr(signal, "SIGHUP") and self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
         return Deferred.fromCoroutine(self._stop())
 
 
@@ -334,10 +360,12 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         raise SystemExit(f"nexus: configuration error: {e}") from None
     demo = bool(options.get("demo") or not options.get("config"))
     service = GatewayService(gateway, reactor, demo=demo)
+    service.reload.path = options.get("config")
+    service.reload.listen = options.get("listen")
     twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:  # under twistd: our observer replaces twistd's own
         setup = observer_for(twistd_options, config.logging)
         if setup is not None:
-            service.log_observer = setup.observer
+            service.log_setup = service.reload.log_setup = setup
             gateway.collector.log_drops = lambda: setup.destination.dropped
     return service

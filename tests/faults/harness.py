@@ -104,6 +104,7 @@ class GatewayProcess:
         self.process = process
         self.log_path = log_path
         self.port = 0
+        self.stopped = False
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         # Every request and every body read has a deadline: a hang fails, it does not stall.
         self.agent = DeadlineAgent(Agent(reactor, pool=self.pool))
@@ -216,7 +217,10 @@ class GatewayProcess:
         The log is checked for errors from the start, or (``whole_log=False``, for tests that
         check their own part of the log) from the SIGTERM on.
         """
+        if self.stopped:
+            return  # a test that stopped it itself (and checked its own part of the log)
         self.assert_alive()
+        self.stopped = True
         await self.pool.closeCachedConnections()
         since = 0 if whole_log else self.log_size()
         self.process.send_signal(signal.SIGTERM)
