@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.web.resource import Resource
@@ -30,6 +30,9 @@ from nexus.requestlog import HISTORY_SIZE, RequestLog
 from nexus.routing import Router
 from nexus.server import Exchange, Handler, NexusRequest, Outcome, error_response
 
+if TYPE_CHECKING:
+    from nexus.dashboard import Dashboard
+
 #: Paths whose requests are inference requests, counted in the metrics.
 INFERENCE_PATHS = frozenset(ENDPOINTS)
 
@@ -44,6 +47,8 @@ class NexusAPI:
     """The routes of the gateway. ``now`` is a monotonic clock in seconds."""
 
     app = Klein()
+    #: The dashboard (contract section 9); None when ``[server] dashboard = false``.
+    dashboard: Dashboard | None = None
 
     def __init__(
         self,
@@ -189,6 +194,37 @@ class NexusAPI:
             return None
         return error_response(request, Unauthorized("Missing or invalid metrics token."))
 
+    # -- the dashboard (contract section 9; nexus.dashboard does the work) ----------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    @app.route("/dashboard", methods=["GET", "HEAD"])
+    def dashboard_page(self, request: Any) -> Any:
+        """The dashboard's page (the token form first when a metrics token is set)."""
+        if self.dashboard is None:
+            return _no_dashboard(request)
+        return self.dashboard.page(request, self.access)
+
+    @app.route("/dashboard/login", methods=["POST"])
+    def dashboard_login(self, request: Any) -> Any:
+        """The token form's answer: a session cookie, back to the page."""
+        if self.dashboard is None:
+            return _no_dashboard(request)
+        return self.dashboard.login(request, self.access)
+
+    @app.route("/v1/events", methods=["GET"])
+    def dashboard_events(self, request: Any) -> Any:
+        """Server-Sent Events: ``request``, ``backend`` and ``stats`` (every 2 s)."""
+        if self.dashboard is None:
+            return _no_dashboard(request)
+        return self.dashboard.events(request, self.access)
+
+    @app.route("/assets/<path:name>", methods=["GET", "HEAD"])
+    def dashboard_asset(self, request: Any, name: str) -> Any:
+        """The page's static files."""
+        if self.dashboard is None:
+            return _no_dashboard(request)
+        return self.dashboard.asset(request, name)
+
     @app.handle_errors(WerkzeugNotFound)
     def not_found(self, request: Any, failure: Any) -> bytes:
         path = request.path.decode("utf-8", "replace")
@@ -199,6 +235,12 @@ class NexusAPI:
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("utf-8", "replace")
         return error_response(request, MethodNotAllowed(f"{method} is not allowed on {path}"))
+
+
+def _no_dashboard(request: Any) -> bytes:
+    """``[server] dashboard = false``: the dashboard's paths answer as unknown paths."""
+    path = request.path.decode("utf-8", "replace")
+    return error_response(request, NotFound(f"Unknown path: {path}"))
 
 
 def fleet_entry(backend: Backend) -> dict[str, object]:

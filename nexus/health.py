@@ -82,7 +82,9 @@ class HealthPoller:
 
     def check_all(self) -> Deferred[None]:
         """Probe every current backend concurrently; fires when all are done."""
-        probes = [ensureDeferred(self.check(b)) for b in self.registry.backends]
+        probes = [
+            ensureDeferred(self.check(b)) for b in self.registry.backends if not b.withdrawn
+        ]
         return DeferredList(probes, consumeErrors=True).addCallback(self._round_over)
 
     def _round_over(self, _: object) -> None:
@@ -99,11 +101,16 @@ class HealthPoller:
         try:
             models = await self._probe(backend)
         except Exception as e:  # every failure counts against this backend only
+            if backend.withdrawn:  # its service went while probed: it stays unknown
+                return
             backend.last_check = started
             self._failed(backend, _describe(e, self.config.timeout_seconds))
         else:
+            if backend.withdrawn:
+                return
             backend.last_check = started
             self._succeeded(backend, models)
+        self.registry.changed(backend)  # observers (the dashboard) see the check at once
 
     async def _get_json(self, backend: Backend, path: str) -> Any:
         started = self.clock.seconds()

@@ -28,6 +28,7 @@ from twisted.web.iweb import IResponse
 
 from nexus import sse
 from nexus._twisted import connection_header_names
+from nexus.config import BackendConfig
 from nexus.endpoints import MISSING_ENDPOINT, Endpoint
 from nexus.errors import (
     BadGateway,
@@ -330,7 +331,8 @@ class InferenceProxy:
         self.max_retries = max_retries
         self.now = now
         self.environ = environ
-        self._targets: dict[tuple[str, str], _Target] = {}
+        #: (backend id, endpoint) -> (the backend config it was built from, target).
+        self._targets: dict[tuple[str, str], tuple[BackendConfig, _Target]] = {}
 
     def forget_targets(self) -> None:
         """Drop the per-backend request templates (a reload may change urls and keys)."""
@@ -338,9 +340,12 @@ class InferenceProxy:
 
     def _target(self, backend: Backend, endpoint: Endpoint) -> _Target:
         key = (backend.name, endpoint.name)
-        target = self._targets.get(key)
-        if target is None:
-            target = self._targets[key] = _Target.for_backend(backend, endpoint, self.environ)
+        cached = self._targets.get(key)
+        # A backend removed and added again under its id (mDNS) may have another url.
+        if cached is not None and cached[0] is backend.config:
+            return cached[1]
+        target = _Target.for_backend(backend, endpoint, self.environ)
+        self._targets[key] = (backend.config, target)
         return target
 
     @staticmethod

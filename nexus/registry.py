@@ -12,10 +12,11 @@ cheaper relatives), and which aliases lead to one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
 import attrs
+from twisted.logger import Logger
 
 from nexus.config import MAX_ALIAS_HOPS, BackendConfig, Config
 
@@ -28,6 +29,11 @@ SOURCE_CONFIG = "config"
 #: ``source`` of a backend found by mDNS / DNS-SD discovery.
 SOURCE_MDNS = "mdns"
 SOURCES = frozenset({SOURCE_CONFIG, SOURCE_MDNS})
+
+#: Told about a backend whose state may have changed: ``(backend, removed)``.
+BackendObserver = Callable[["Backend", bool], None]
+
+log = Logger()
 
 #: Weight of the newest sample in a backend's latency moving average.
 LATENCY_EMA_ALPHA = 0.2
@@ -67,6 +73,9 @@ class Backend:
     #: 404/405/501 for: skipped for them until its next successful model discovery.
     missing_endpoints: set[str] = attrs.field(factory=set)
     last_check: float | None = None
+    #: A discovered backend whose service is no longer advertised: ``unknown``, not routed
+    #: to and not checked, until the service returns or the backend is removed (mDNS).
+    withdrawn: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.models:
@@ -138,6 +147,8 @@ class BackendRegistry:
             self._routing_names |= {model, *chain}
         self.by_model: dict[str, tuple[Backend, ...]] = {}
         self.known_models: frozenset[str] = frozenset()
+        #: Called by :meth:`changed` (the dashboard's live view of the fleet).
+        self.observers: list[BackendObserver] = []
         self.reindex()
 
     @classmethod
@@ -169,6 +180,7 @@ class BackendRegistry:
         self._by_name[backend.name] = backend
         self.backends = tuple(sorted(self._by_name.values(), key=lambda b: b.name))
         self.reindex()
+        self.changed(backend)
         return backend
 
     def remove(self, name: str) -> Backend:
@@ -180,7 +192,23 @@ class BackendRegistry:
         backend = self._by_name.pop(name)
         self.backends = tuple(b for b in self.backends if b is not backend)
         self.reindex()
+        self.changed(backend, removed=True)
         return backend
+
+    def changed(self, backend: Backend, removed: bool = False) -> None:
+        """Tell the observers that ``backend``'s state may have changed (status, check, models).
+
+        Called when a backend is added, removed (``removed``) or health-checked; a
+        backend no longer registered is not reported unless it is the removal. A
+        failing observer is logged and never stops the others.
+        """
+        if not removed and self._by_name.get(backend.name) is not backend:
+            return
+        for observer in self.observers:
+            try:
+                observer(backend, removed)
+            except Exception:
+                log.failure("a backend observer failed")
 
     def reconfigure(self, backend: Backend, config: BackendConfig) -> None:
         """Give a registered backend a changed configuration (a reload), keeping its state.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 #: Settings a running gateway cannot change: they are logged as needing a restart.
-RESTART_ONLY = ("server.listen", "server.workers")
+RESTART_ONLY = ("server.listen", "server.workers", "server.dashboard")
 
 
 @attrs.define
@@ -37,13 +37,15 @@ class Reload:
     """Re-reads ``path`` into a running ``gateway``.
 
     ``listen`` is the ``--listen`` given on the command line (it wins over the
-    file, as at start-up); ``restart_health`` restarts the health poller's
+    file, as at start-up, like ``no_discovery``); ``restart_health`` restarts the health poller's
     timer when its interval changes; ``log`` is the gateway's log observer.
     """
 
     gateway: Gateway
     path: str | None
     listen: str | None = None
+    #: ``--no-discovery`` was given: it wins over the file, as at start-up.
+    no_discovery: bool = False
     restart_health: Callable[[float], None] | None = None
     log_setup: GatewayLog | None = None
 
@@ -56,6 +58,8 @@ class Reload:
             new, warnings = load_config(self.path)
             if self.listen:
                 new = attrs.evolve(new, server=attrs.evolve(new.server, listen=self.listen))
+            if self.no_discovery:
+                new = attrs.evolve(new, discovery=attrs.evolve(new.discovery, enabled=False))
             access = AccessPolicy.from_config(new.server)
             router = Router(self.gateway.registry, new.routing)
         except ConfigError as e:
@@ -156,6 +160,7 @@ class Reload:
             backend = registry.get(name)
             moved = before[name].url != after[name].url
             registry.reconfigure(backend, after[name])
+            registry.changed(backend)  # the dashboard shows the new settings at once
             changes.append(f"backend {name} changed")
             if moved:
                 self._check(backend)

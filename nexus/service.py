@@ -32,6 +32,8 @@ from nexus.config import (
     listen_warnings,
     load_config,
 )
+from nexus.dashboard import Dashboard
+from nexus.discovery import DiscoveryService, checker
 from nexus.health import HealthPoller, HealthService
 from nexus.logs import GatewayLog, observer_for
 from nexus.logs import install as install_observer
@@ -54,7 +56,7 @@ DEMO_MODELS = ("demo", "demo-large")
 class Options(usage.Options):
     """Command line of ``twistd nexus``."""
 
-    synopsis = "[--config nexus.toml] [--listen DESCRIPTION] [--demo]"
+    synopsis = "[--config nexus.toml] [--listen DESCRIPTION] [--demo] [--no-discovery]"
     optParameters = [
         ["config", "c", None,
          "TOML configuration file. Without one: demo mode (an embedded mock backend)."],
@@ -62,7 +64,11 @@ class Options(usage.Options):
          f"Where to listen, a strports description (default {DEFAULT_LISTEN}); "
          "overrides server.listen."],
     ]
-    optFlags = [["demo", None, "Also start an embedded mock backend on 127.0.0.1."]]
+    optFlags = [
+        ["demo", None, "Also start an embedded mock backend on 127.0.0.1."],
+        ["no-discovery", None, "Do not look for backends on the network (mDNS); "
+         "as discovery.enabled = false."],
+    ]
     longdesc = (
         "Nexus: one OpenAI-compatible endpoint in front of a fleet of inference servers. "
         "Every setting, its default and its NEXUS_* environment variable: docs/configuration.md; "
@@ -125,6 +131,8 @@ class Gateway:
     api: NexusAPI
     site: NexusSite
     request_log: RequestLog
+    #: The dashboard (contract section 9), None when ``[server] dashboard = false``.
+    dashboard: Dashboard | None = None
 
 
 def build_gateway(
@@ -182,8 +190,15 @@ def build_gateway(
         reactor=reactor,
         debug_access=config.logging.level == "debug",
     )
+    dashboard = None
+    if config.server.dashboard:  # the page and its events: one more recorder, a gauge
+        dashboard = Dashboard(registry, collector, reactor)
+        api.dashboard = dashboard
+        site.recorders += (dashboard.record,)
+        collector.dashboard_subscribers = dashboard.subscribers
     return Gateway(
-        config, registry, router, upstream, collector, poller, admission, api, site, request_log
+        config, registry, router, upstream, collector, poller, admission, api, site, request_log,
+        dashboard,
     )
 
 
@@ -213,7 +228,7 @@ class GatewayService(MultiService):
     """The running gateway: its parts as child services, started in order.
 
     Children: the demo backend (when there is one), the connection pool, the
-    health poller, then the listener. Stopping is ordered so that no request
+    health poller, discovery (when on), then the listener. Stopping is ordered so that no request
     is lost or counted twice: stop accepting, let requests in flight finish
     for the grace period, cut what is left (recorded as 499), then stop the
     other children in reverse order.
@@ -235,10 +250,16 @@ class GatewayService(MultiService):
             # Without polling nothing would ever become healthy: trust the config.
             for backend in gateway.registry.backends:
                 backend.status = HEALTHY
+        if gateway.config.discovery.enabled:  # mDNS: advertised servers join the fleet
+            check = checker(gateway.poller, lambda: gateway.config.health_check.enabled)
+            DiscoveryService(gateway.config.discovery, gateway.registry, reactor, check
+                             ).setServiceParent(self)
         self.listen = gateway.config.server.listen
         self.listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
         self.listener.setName("http")
         self.listener.setServiceParent(self)
+        if gateway.dashboard is not None:  # ends its event streams when the gateway stops
+            gateway.dashboard.service.setServiceParent(self)
         #: The log twistd should use (``[logging]``), set by ``makeService``.
         self.log_setup: GatewayLog | None = None
         #: Re-reads the configuration file on SIGHUP (``nexus reload``).
@@ -340,6 +361,8 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         raise SystemExit(f"nexus: configuration error: {e}") from None
     if options.get("listen"):
         config = attrs.evolve(config, server=attrs.evolve(config.server, listen=options["listen"]))
+    if options.get("no-discovery"):
+        config = attrs.evolve(config, discovery=attrs.evolve(config.discovery, enabled=False))
     try:
         serverFromString(reactor, with_backlog(config.server.listen))
     except (ValueError, KeyError, TypeError) as e:
@@ -362,6 +385,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
     service = GatewayService(gateway, reactor, demo=demo)
     service.reload.path = options.get("config")
     service.reload.listen = options.get("listen")
+    service.reload.no_discovery = bool(options.get("no-discovery"))
     twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:  # under twistd: our observer replaces twistd's own
         setup = observer_for(twistd_options, config.logging)

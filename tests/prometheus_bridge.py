@@ -27,6 +27,7 @@ from nexus.metrics.families import (
     BACKENDS_HEALTHY,
     BACKENDS_TOTAL,
     BUILD_INFO,
+    DASHBOARD_SUBSCRIBERS,
     ERRORS,
     FALLBACKS,
     LOG_EVENTS_DROPPED,
@@ -135,6 +136,11 @@ class PrometheusBridge(Collector):
         yield info
         yield CounterMetricFamily(
             LOG_EVENTS_DROPPED.name, LOG_EVENTS_DROPPED.help, value=self._collector.log_drops()
+        )
+        yield GaugeMetricFamily(
+            DASHBOARD_SUBSCRIBERS.name,
+            DASHBOARD_SUBSCRIBERS.help,
+            value=self._collector.dashboard_subscribers(),
         )
 
 

@@ -16,7 +16,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.web.client import ResponseFailed
 
 from nexus.access import AccessPolicy
-from nexus.config import BackendConfig, Config, HealthCheckConfig, ServerConfig
+from nexus.config import BackendConfig, Config, DiscoveryConfig, HealthCheckConfig, ServerConfig
 from nexus.service import GatewayService, build_gateway
 from tests.prometheus_bridge import prometheus_registry
 from tests.support import (
@@ -207,6 +207,7 @@ async def running_service(mock: Any, grace: float) -> tuple[GatewayService, str]
             listen=f"tcp:{port}:interface=127.0.0.1", shutdown_grace_seconds=grace
         ),
         health_check=HealthCheckConfig(interval_seconds=60),
+        discovery=DiscoveryConfig(enabled=False),  # no browsing the network
         backends=(BackendConfig(name="a", url=mock.url),),
     )
     service = GatewayService(build_gateway(config, reactor), reactor)

@@ -21,6 +21,7 @@ from nexus.config import (
     BackendConfig,
     Config,
     ConfigError,
+    DiscoveryConfig,
     HealthCheckConfig,
     LoggingConfig,
     RoutingConfig,
@@ -56,10 +57,21 @@ ENV_VARS = {
     "NEXUS_SERVER_API_KEYS": (" k1, k2 ,", ("server", "api_keys"), ("k1", "k2")),
     "NEXUS_SERVER_API_KEYS_FILE": (KEYS_FILE, ("server", "api_keys_file"), KEYS_FILE),
     "NEXUS_SERVER_METRICS_TOKEN": ("tok", ("server", "metrics_token"), "tok"),
+    "NEXUS_SERVER_DASHBOARD": ("false", ("server", "dashboard"), False),
     "NEXUS_LOGGING_FORMAT": ("json", ("logging", "format"), "json"),
     "NEXUS_LOGGING_LEVEL": ("debug", ("logging", "level"), "debug"),
     "NEXUS_LOGGING_REQUESTS": ("false", ("logging", "requests"), False),
     "NEXUS_LOGGING_CONTENT_PREVIEW": ("yes", ("logging", "content_preview"), True),
+    "NEXUS_DISCOVERY": ("false", ("discovery", "enabled"), False),
+    "NEXUS_DISCOVERY_SERVICE_TYPES": (
+        "_llm._tcp.local., _vllm._tcp.local",
+        ("discovery", "service_types"),
+        ("_llm._tcp.local.", "_vllm._tcp.local."),
+    ),
+    "NEXUS_DISCOVERY_GRACE_PERIOD_SECONDS": ("5", ("discovery", "grace_period_seconds"), 5.0),
+    "NEXUS_DISCOVERY_INTERFACES": (
+        "127.0.0.1,::1", ("discovery", "interfaces"), ("127.0.0.1", "::1")
+    ),
 }
 
 
@@ -181,7 +193,7 @@ def test_example_file_shows_every_key() -> None:
     # Keys commented out (they need a file or a secret) count as shown.
     data = tomllib.loads(COMMENTED_KEY.sub(r"\1", EXAMPLE.read_text()))
     shown = set()
-    for section in ("server", "health_check", "routing", "logging"):
+    for section in ("server", "health_check", "routing", "logging", "discovery"):
         for key, value in data[section].items():
             keys = value if key == "weights" else {}
             shown |= {f"{section}.{key}"} | {f"{section}.{key}.{k}" for k in keys}
@@ -214,6 +226,33 @@ def test_values_are_normalised() -> None:
     assert isinstance(config.server.request_timeout_seconds, float)
     assert config.routing.weights == Weights(40, 40.5, 19.5)
     assert config.backends[0].url == "https://example.com/v1"
+
+
+def test_discovery_settings() -> None:
+    config = parse(
+        {
+            "discovery": {
+                "service_types": ["_llm._tcp.local", "_Ollama-2._tcp.local."],
+                "grace_period_seconds": 0,
+                "interfaces": ["127.0.0.1", "::1", "fe80::1%2"],
+            }
+        }
+    )
+    assert config.discovery == DiscoveryConfig(
+        enabled=True,
+        service_types=("_llm._tcp.local.", "_Ollama-2._tcp.local."),  # the final dot added
+        grace_period_seconds=0.0,
+        interfaces=("127.0.0.1", "::1", "fe80::1%2"),
+    )
+    # Nothing to browse is fine when nothing is browsed.
+    off = parse({"discovery": {"enabled": False, "service_types": []}})
+    assert off.discovery == DiscoveryConfig(enabled=False, service_types=())
+    assert Config().discovery == DiscoveryConfig(
+        enabled=True,
+        service_types=("_ollama._tcp.local.", "_llm._tcp.local."),
+        grace_period_seconds=60.0,
+        interfaces=(),
+    )
 
 
 def test_weights_sum_allows_float_rounding() -> None:
@@ -418,6 +457,47 @@ INVALID: list[tuple[dict[str, Any], str]] = [
         {"backends": [backend(model_capabilities={"m": "vision"})]},
         "backends[0].model_capabilities.m: expected an array of strings, got string 'vision'",
     ),
+    # discovery
+    (
+        {"discovery": {"enabled": "yes"}},
+        "discovery.enabled: expected a boolean (true or false), got string 'yes'",
+    ),
+    (
+        {"discovery": {"service_types": "_llm._tcp.local."}},
+        "discovery.service_types: expected an array of strings, got string '_llm._tcp.local.'",
+    ),
+    *(
+        (
+            {"discovery": {"service_types": ["_llm._tcp.local.", bad]}},
+            "discovery.service_types[1]: must be a DNS-SD service type like _llm._tcp.local., "
+            f"got {bad!r}",
+        )
+        for bad in [
+            "_llm._tcp",
+            "llm._tcp.local.",
+            "_llm._sctp.local.",
+            "_llm._tcp.example.com.",
+            "_-llm._tcp.local.",
+            "_l--m._tcp.local.",
+            "_1234._tcp.local.",
+            "_a-name-too-long-x._tcp.local.",
+            "_ll m._tcp.local.",
+        ]
+    ),
+    (
+        {"discovery": {"service_types": []}},
+        "discovery.service_types: must name at least one service type (or set "
+        "discovery.enabled = false)",
+    ),
+    (
+        {"discovery": {"grace_period_seconds": -1}},
+        "discovery.grace_period_seconds: must be at least 0, got -1",
+    ),
+    (
+        {"discovery": {"interfaces": ["127.0.0.1", "eth0"]}},
+        "discovery.interfaces[1]: must be an IP address like 127.0.0.1, got 'eth0'",
+    ),
+    ({"discovery": {"interfaces": [""]}}, "discovery.interfaces[0]: must not be empty"),
 ]
 
 
@@ -582,6 +662,9 @@ ENV_INVALID = [
         "unknown log level 'verbose' (expected one of debug, info, warn, error, critical)",
     ),
     ("NEXUS_LOGGING_REQUESTS", "off", "expected true/false, 1/0 or yes/no, got 'off'"),
+    ("NEXUS_DISCOVERY", "off", "expected true/false, 1/0 or yes/no, got 'off'"),
+    ("NEXUS_DISCOVERY_INTERFACES", "::1,lo", "must be an IP address like 127.0.0.1, got 'lo'"),
+    ("NEXUS_DISCOVERY_GRACE_PERIOD_SECONDS", "-1", "must be at least 0, got -1"),
 ]
 
 

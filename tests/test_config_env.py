@@ -44,6 +44,12 @@ UNKNOWN_VARIABLES: list[tuple[str, str]] = [
         "environment: unknown variable NEXUS_LOGGING_REQUEST (ignored; did you mean "
         "NEXUS_LOGGING_REQUESTS?)",
     ),
+    (
+        # The contract names discovery.enabled's variable NEXUS_DISCOVERY.
+        "NEXUS_DISCOVERY_ENABLED",
+        "environment: unknown variable NEXUS_DISCOVERY_ENABLED (ignored; did you mean "
+        "NEXUS_DISCOVERY?)",
+    ),
     ("NEXUS_COLOUR", "environment: unknown variable NEXUS_COLOUR (ignored)"),
     ("NEXUS_", "environment: unknown variable NEXUS_ (ignored)"),
     (
@@ -86,7 +92,6 @@ NOT_SETTINGS = [
     "NEXUS_SOAK_REPORT",
     "NEXUS_BENCH_MODELS",
     "NEXUS_BENCH_STREAM",
-    "NEXUS_DISCOVERY",
     "NEXUS_SERVER_WORKERS",
 ]
 

@@ -74,7 +74,7 @@ def test_every_family_has_help_and_type_even_when_empty() -> None:
         assert f"# HELP {family.name} " in text
         assert f"# TYPE {family.name} {family.type}\n" in text
     families = {f.name: f for f in parse_prometheus(text)}
-    assert len(families) == 13
+    assert len(families) == 14
     assert families["nexus_requests"].samples == []
     assert families["nexus_pending_requests"].samples  # gauges are always there
     assert families["nexus_build_info"].samples  # and so is the version
@@ -107,6 +107,7 @@ def test_families_types_labels_and_buckets_match_the_contract(scenario: MetricsC
         "nexus_time_to_first_token_seconds": "histogram",
         "nexus_build_info": "gauge",
         "nexus_log_events_dropped_total": "counter",
+        "nexus_dashboard_subscribers": "gauge",
     }
     for name, kind in types.items():
         assert f"# TYPE {name} {kind}\n" in text

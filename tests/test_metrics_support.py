@@ -213,6 +213,7 @@ def expected_scenario() -> Samples:
         out[_key("nexus_pending_requests", {"backend": backend})] = n
     out[_key("nexus_build_info", {"version": nexus.__version__})] = 1
     out[_key("nexus_log_events_dropped_total", {})] = 0
+    out[_key("nexus_dashboard_subscribers", {})] = 0
     return out
 
 

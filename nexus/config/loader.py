@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from nexus.config.values import (
     BackendConfig,
     Config,
     ConfigError,
+    DiscoveryConfig,
     HealthCheckConfig,
     LoggingConfig,
     RoutingConfig,
@@ -55,7 +57,6 @@ ENV_NOT_SETTINGS: tuple[str, ...] = (
     "NEXUS_TEST_",  # test suite knobs (tests/faults, tox.ini passenv)
     "NEXUS_SOAK_",  # the soak test's size and report (tests/test_soak.py, tox.ini passenv)
     "NEXUS_BENCH_",  # the benchmark's wrk script (benchmarks/post.lua)
-    "NEXUS_DISCOVERY",  # [discovery] enabled (contract 10), to come
     "NEXUS_SERVER_WORKERS",  # [server] workers (contract 12), to come
 )
 
@@ -164,7 +165,7 @@ def _env_fields() -> dict[str, _EnvSetting]:
         for field in _fields(section_type):
             tp = _env_type(field.type)
             if tp is not None:
-                name = env_name(section.name, field.name)
+                name = field.metadata.get("env") or env_name(section.name, field.name)
                 adds = bool(field.metadata.get("env_adds"))
                 out[name] = _EnvSetting(section.name, field.name, tp, adds)
     return out
@@ -267,9 +268,11 @@ def _not_a_setting(var: str) -> bool:
 def _file_only_names() -> dict[str, str]:
     """Variable names that look like a setting no variable can set -> that setting's name."""
     out = {}
+    # A setting whose variable has another name (``NEXUS_DISCOVERY``) is not file-only.
+    settable = {(s.section, s.key) for s in _env_fields().values()}
     for path in _setting_paths(Config, ()):
         var = env_name(*path)
-        if var not in _env_fields():
+        if var not in _env_fields() and path not in settable:
             out[var] = ".".join(path)
     return out
 
@@ -363,6 +366,46 @@ class _HttpUrl:
         return "an http:// or https:// URL"
 
 
+@attrs.frozen
+class _ServiceType:
+    def __call__(self, value: str) -> str:
+        """A DNS-SD service type as python-zeroconf takes it: ``_name._tcp.local.``."""
+        full = value if value.endswith(".") else value + "."
+        labels = full.split(".")
+        name = labels[0][1:]
+        ok = (
+            len(labels) == 4
+            and labels[0].startswith("_")
+            and labels[1] in ("_tcp", "_udp")
+            and labels[2:] == ["local", ""]
+            and 1 <= len(name) <= 15
+            and re.fullmatch(r"[A-Za-z0-9-]+", name) is not None
+            and re.search(r"[A-Za-z]", name) is not None
+            and not name.startswith("-")
+            and not name.endswith("-")
+            and "--" not in name
+        )
+        if not ok:
+            raise _Invalid(f"must be a DNS-SD service type like _llm._tcp.local., got {value!r}")
+        return full
+
+    def __str__(self) -> str:
+        return "a DNS-SD service type"
+
+
+@attrs.frozen
+class _IpAddress:
+    def __call__(self, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise _Invalid(f"must be an IP address like 127.0.0.1, got {value!r}") from None
+        return value
+
+    def __str__(self) -> str:
+        return "an IP address"
+
+
 #: Checks on single values, by (class, field); for a container field, on each item.
 _RULES: dict[tuple[type, str], _Rule] = {
     (ServerConfig, "request_timeout_seconds"): _GreaterThan(0),
@@ -381,6 +424,9 @@ _RULES: dict[tuple[type, str], _Rule] = {
     **{(Weights, f.name): _AtLeast(0) for f in attrs.fields(Weights)},
     (LoggingConfig, "format"): _OneOf(LOG_FORMATS, "log format"),
     (LoggingConfig, "level"): _OneOf(LOG_LEVELS, "log level"),
+    (DiscoveryConfig, "service_types"): _ServiceType(),
+    (DiscoveryConfig, "grace_period_seconds"): _AtLeast(0),
+    (DiscoveryConfig, "interfaces"): _IpAddress(),
     (BackendConfig, "url"): _HttpUrl(),
     (BackendConfig, "type"): _OneOf(BACKEND_TYPES, "backend type"),
     (BackendConfig, "priority"): _AtLeast(0),
@@ -444,6 +490,14 @@ def _check_backend(v: _Validator, values: dict[str, Any], path: _KeyPath) -> Non
         v.warn((*path, "api_key_env"), f"environment variable {var!r} is not set")
 
 
+def _check_discovery(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
+    if values.get("enabled", True) and values.get("service_types") == []:
+        v.fail(
+            (*path, "service_types"),
+            "must name at least one service type (or set discovery.enabled = false)",
+        )
+
+
 def _check_config(v: _Validator, values: dict[str, Any], path: _KeyPath) -> None:
     seen: set[str] = set()
     for i, backend in enumerate(values.get("backends", [])):
@@ -457,6 +511,7 @@ _TABLE_CHECKS: dict[type, Callable[[_Validator, dict[str, Any], _KeyPath], None]
     Weights: _check_weights,
     RoutingConfig: _check_routing,
     BackendConfig: _check_backend,
+    DiscoveryConfig: _check_discovery,
     Config: _check_config,
 }
 
@@ -480,8 +535,10 @@ class _Validator:
         self.warnings: list[str] = []
 
     def where(self, path: _KeyPath) -> str:
-        if path in self.origins:
-            return f"environment: {self.origins[path]}"
+        # An item of a list that a variable set (``NEXUS_DISCOVERY_INTERFACES``) is its too.
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.origins:
+                return f"environment: {self.origins[path[:end]]}"
         return f"{self.source}: {_dotted(path)}" if path else self.source
 
     def fail(self, path: _KeyPath, message: str) -> NoReturn:

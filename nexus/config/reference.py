@@ -107,7 +107,7 @@ def _setting(cls: type, section: str, field: attrs.Attribute[Any]) -> Setting:
     default: Any = field.default
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # typed as a function
         default = default.factory()
-    var = env_name(*section.split("."), field.name)
+    var = field.metadata.get("env") or env_name(*section.split("."), field.name)
     env = _env_fields().get(var)
     note = ""
     if env is not None and env.type == tuple[str, ...]:

@@ -30,14 +30,17 @@ class ConfigError(Exception):
     """A configuration that must not start: the message names the file and the key."""
 
 
-def doc(text: str, example: object = None, env_adds: bool = False) -> dict[str, object]:
+def doc(
+    text: str, example: object = None, env_adds: bool = False, env: str | None = None
+) -> dict[str, object]:
     """A field's metadata: its help text, and what the reference shows for it.
 
     ``example`` is shown (commented out) for a setting whose default is unset, required or an
     empty table; ``env_adds`` says that its environment variable adds to the file's values
-    instead of replacing them.
+    instead of replacing them; ``env`` names its variable when the contract gives it another
+    name than ``NEXUS_<SECTION>_<KEY>``.
     """
-    return {"help": text, "example": example, "env_adds": env_adds}
+    return {"help": text, "example": example, "env_adds": env_adds, "env": env}
 
 
 @attrs.frozen
@@ -110,10 +113,20 @@ class ServerConfig:
     metrics_token: str | None = attrs.field(
         default=None,
         metadata=doc(
-            "When set, `/metrics` and `/v1/stats` require `Authorization: Bearer <token>` "
-            "(Prometheus: `authorization: {credentials: ...}`); an API key does not open them. "
-            "Unset, both are open.",
+            "When set, `/metrics`, `/v1/stats`, `/v1/history` and the dashboard require "
+            "`Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`; "
+            "the dashboard's page asks for it once and keeps it in a cookie); an API key does "
+            "not open them. Unset, they are open.",
             example="a-long-random-string",
+        ),
+    )
+    dashboard: bool = attrs.field(
+        default=True,
+        metadata=doc(
+            "Serve the dashboard (docs/dashboard.md): the page at `/` and `/dashboard` and its "
+            "live events at `/v1/events`, which need `metrics_token` when it is set (the page "
+            "asks for it once), and the page's static files under `/assets/`. `false`: all of "
+            "them answer 404."
         ),
     )
 
@@ -237,6 +250,41 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class DiscoveryConfig:
+    """``[discovery]``: backends found by mDNS / DNS-SD (docs/discovery.md)."""
+
+    enabled: bool = attrs.field(
+        default=True,
+        metadata=doc(
+            "Browse the local network for inference servers that advertise themselves; each "
+            "one found becomes a backend (`source` `mdns`). `--no-discovery` turns it off.",
+            env="NEXUS_DISCOVERY",
+        ),
+    )
+    service_types: tuple[str, ...] = attrs.field(
+        default=("_ollama._tcp.local.", "_llm._tcp.local."),
+        metadata=doc(
+            "DNS-SD service types to browse, like `_llm._tcp.local.` (the final `.` may be "
+            "left out)."
+        ),
+    )
+    grace_period_seconds: float = attrs.field(
+        default=60.0,
+        metadata=doc(
+            "A service that stops being advertised is `unknown` (not routed to) at once and "
+            "removed after this long, unless it comes back."
+        ),
+    )
+    interfaces: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=doc(
+            "IP addresses of the interfaces to browse on; empty: every interface. Loopback "
+            '(`["127.0.0.1"]`) keeps discovery on this machine.'
+        ),
+    )
+
+
+@attrs.frozen
 class BackendConfig:
     """One ``[[backends]]`` entry.
 
@@ -309,6 +357,13 @@ class Config:
     logging: LoggingConfig = attrs.field(
         factory=LoggingConfig,
         metadata=doc("The log: its format, its level, the request log (docs/logging.md)."),
+    )
+    discovery: DiscoveryConfig = attrs.field(
+        factory=DiscoveryConfig,
+        metadata=doc(
+            "Discovery by mDNS / DNS-SD: servers on the network that advertise themselves "
+            "join the fleet, and leave it when they stop (docs/discovery.md)."
+        ),
     )
     backends: tuple[BackendConfig, ...] = attrs.field(
         default=(),

@@ -99,6 +99,8 @@ class MetricsCollector:
         self._known = registry.known_models
         #: Reads how many log lines the log destination dropped (exposed as a counter).
         self.log_drops: Callable[[], int] = lambda: 0
+        #: Reads how many dashboard event streams are open (exposed as a gauge).
+        self.dashboard_subscribers: Callable[[], int] = lambda: 0
         self.renderer = Renderer(self)
 
     # -- recording -------------------------------------------------------------
@@ -124,7 +126,7 @@ class MetricsCollector:
         try:
             series = self._lookup[(model, backend)]
         except (KeyError, TypeError):
-            series = self._pair_for(model, backend)
+            series = self._pair_for(model, backend, record.actual_model is not None)
         try:
             label = _STATUS_LABELS[status]
         except (KeyError, TypeError):
@@ -181,15 +183,19 @@ class MetricsCollector:
             series.dirty = True
             self.dirty.append(series)
 
-    def _model_name(self, model: object) -> str:
-        """The raw model name recorded for ``model``: itself if known, else ``unknown``."""
-        if isinstance(model, str) and self.registry.is_known_model(model):
+    def _model_name(self, model: object, routed: bool = False) -> str:
+        """The raw model name recorded for ``model``: itself if known, else ``unknown``.
+
+        ``routed``: the router resolved it, so it was known then (its backends may have
+        left the fleet since, while the request ran).
+        """
+        if isinstance(model, str) and (routed or self.registry.is_known_model(model)):
             return model
         return UNKNOWN_MODEL
 
-    def _pair_for(self, model: object, backend: object) -> PairSeries:
+    def _pair_for(self, model: object, backend: object, routed: bool = False) -> PairSeries:
         """Find or create the series for a cache miss; cache it when the model is known."""
-        name = self._model_name(model)
+        name = self._model_name(model, routed)
         backend_name = backend if isinstance(backend, str) else NO_BACKEND
         key = (name, backend_name)
         series = self.pairs.get(key)

@@ -36,6 +36,7 @@ from nexus.metrics.families import (
     BACKENDS_HEALTHY,
     BACKENDS_TOTAL,
     BUILD_INFO,
+    DASHBOARD_SUBSCRIBERS,
     ERRORS,
     FALLBACKS,
     FAMILIES,
@@ -428,6 +429,11 @@ class Renderer:
         lines.append(self._build_info[openmetrics])
         lines.append(headers[LOG_EVENTS_DROPPED.name])
         lines.append(b"%b %d\n" % (LOG_EVENTS_DROPPED.name.encode(), self._collector.log_drops()))
+        lines.append(headers[DASHBOARD_SUBSCRIBERS.name])
+        lines.append(
+            b"%b %d\n"
+            % (DASHBOARD_SUBSCRIBERS.name.encode(), self._collector.dashboard_subscribers())
+        )
         return b"".join(lines)
 
     def render(self, openmetrics: bool = False, gzip: bool = False) -> bytes:

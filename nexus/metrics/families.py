@@ -127,6 +127,11 @@ LOG_EVENTS_DROPPED = Family(
     "counter",
     "Log lines the log destination could not take (disk full, closed or full pipe).",
 )
+DASHBOARD_SUBSCRIBERS = Family(
+    "nexus_dashboard_subscribers",
+    "gauge",
+    "Dashboard event streams (GET /v1/events) open right now.",
+)
 
 #: All families, in exposition order.
 FAMILIES: tuple[Family, ...] = (
@@ -143,6 +148,7 @@ FAMILIES: tuple[Family, ...] = (
     PENDING_REQUESTS,
     BUILD_INFO,
     LOG_EVENTS_DROPPED,
+    DASHBOARD_SUBSCRIBERS,
 )
 
 #: ``error_type`` values of contract section 5; anything else is counted as ``other``.

@@ -118,8 +118,12 @@ async def start_gateway(
     health: HealthCheckConfig | None = None,
     backend_options: dict[str, dict[str, Any]] | None = None,
     check: bool = True,
+    server: dict[str, Any] | None = None,
 ) -> RunningGateway:
-    """Build a gateway for the given mocks, listen, and run one health round."""
+    """Build a gateway for the given mocks, listen, and run one health round.
+
+    ``server``: more ``[server]`` settings (``metrics_token``, ``dashboard``, ...).
+    """
     configs = []
     for b in backends:
         if isinstance(b, MockBackend):
@@ -131,6 +135,7 @@ async def start_gateway(
             listen="tcp:0:interface=127.0.0.1",
             request_timeout_seconds=request_timeout,
             max_body_bytes=max_body_bytes,
+            **(server or {}),
         ),
         health_check=health or HealthCheckConfig(timeout_seconds=2.0),
         routing=routing or RoutingConfig(),

@@ -14,13 +14,16 @@ TWISTD = [str(Path(sys.executable).parent / "twistd")]
 
 
 def twistd_env() -> dict[str, str]:
-    """The environment for twistd: the source tree first on the path.
+    """The environment for twistd: the source tree first on the path, discovery off.
 
     Twisted's plugin scan looks only in ``sys.path`` directories, so an editable install would
     not find ``twisted/plugins/`` without it.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Discovery (on by default) would browse the network: a test that wants it turns it on,
+    # on loopback (tests/test_discovery.py).
+    env["NEXUS_DISCOVERY"] = "false"
     return env
 
 
