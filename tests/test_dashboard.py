@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -43,7 +42,14 @@ from nexus.dashboard.web import COOKIE, session_value
 from nexus.metrics import MetricsCollector
 from nexus.registry import HEALTHY, UNHEALTHY, BackendRegistry
 from nexus.tracking import RequestRecord
-from tests.support import Cleanup, deadline, start_gateway, start_mock, wait_for
+from tests.support import (
+    Cleanup,
+    StreamedBody,
+    deadline,
+    start_gateway,
+    start_mock,
+    wait_for,
+)
 
 SSE_EVENT = re.compile(rb"event: (\w+)\ndata: ([^\n]*)\n\n")
 
@@ -419,22 +425,8 @@ def test_formats() -> None:
 EVIL = "<script>window.pwned=1</script>"
 
 
-class Stream(Protocol):
+class Stream(StreamedBody):
     """Keeps an event stream's bytes; ``leave()`` closes the connection."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.ended.callback(None)
-
-    def leave(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def names(self) -> list[str]:
         return [name for name, _ in events(self.data)]

@@ -1,7 +1,7 @@
 """Helpers shared by the test modules, one definition each: import them from here.
 
 - real gateways and mock backends on 127.0.0.1: ``start_gateway``, ``RunningGateway``,
-  ``start_mock`` (``_gateway``);
+  ``start_mock``, and ``StreamedBody`` for a body a client may leave (``_gateway``);
 - clients with a deadline: ``CLIENT_DEADLINE``, ``deadline``, ``DeadlineAgent``,
   ``http_client``, ``DeadlineExceeded``, and ``served_by`` (``_clients``);
 - waiting and stopping: ``wait_for``, ``Cleanup`` (``_polling``);
@@ -19,7 +19,7 @@ from tests.support._clients import (
     http_client,
     served_by,
 )
-from tests.support._gateway import RunningGateway, start_gateway, start_mock
+from tests.support._gateway import RunningGateway, StreamedBody, start_gateway, start_mock
 from tests.support._polling import Cleanup, wait_for
 from tests.support._processes import ROOT, TWISTD, free_port, twistd_env
 
@@ -31,6 +31,7 @@ __all__ = [
     "DeadlineAgent",
     "DeadlineExceeded",
     "RunningGateway",
+    "StreamedBody",
     "deadline",
     "free_port",
     "http_client",

@@ -32,7 +32,7 @@ def start_mock(name: str, models: Sequence[str] = ("m",), **knobs: Any) -> MockB
     return listen_mock(reactor, MockSettings(name=name, models=list(models), **knobs))
 
 
-class _Events(Protocol):
+class StreamedBody(Protocol):
     """Keeps a streamed body; ``leave()`` closes the connection (the client goes away)."""
 
     def __init__(self) -> None:
@@ -85,7 +85,7 @@ class RunningGateway:
             self.url + path, data=json.dumps(body).encode(), unbuffered=True
         )
         assert response.code == 200
-        body = _Events()
+        body = StreamedBody()
         response.deliverBody(body)
         await wait_for(lambda: body.data.count(b"data: ") >= events, what="some events")
         body.leave()
