@@ -21,6 +21,7 @@ from nexus.access import AccessPolicy
 from nexus.config import Config, ConfigError, load_config
 from nexus.registry import HEALTHY, Backend
 from nexus.routing import Router
+from nexus.tls import needs_tls, tls_loaded
 
 if TYPE_CHECKING:
     from nexus.logs import GatewayLog
@@ -64,6 +65,13 @@ class Reload:
             router = Router(self.gateway.registry, new.routing)
         except ConfigError as e:
             log.error("reload: {error}; nothing changed", error=str(e))
+            return False
+        if not tls_loaded() and needs_tls(new.server.listen, [b.url for b in new.backends]):
+            log.error(
+                "reload: {path}: an https:// backend needs TLS, which this gateway left out at "
+                "start (no TLS in its configuration then); restart it; nothing changed",
+                path=self.path,
+            )
             return False
         for warning in warnings:
             log.warn("{warning}", warning=warning)

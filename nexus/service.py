@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -17,15 +16,11 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.python import usage
 
-import twisted
-from nexus import __version__
 from nexus.access import AccessPolicy
 from nexus.admission import Admission
 from nexus.api import INFERENCE_PATHS, GatewayResource, NexusAPI
 from nexus.config import (
-    DEFAULT_LISTEN,
     BackendConfig,
     Config,
     ConfigError,
@@ -51,34 +46,6 @@ log = Logger()
 
 #: Models the embedded demo backend serves.
 DEMO_MODELS = ("demo", "demo-large")
-
-
-class Options(usage.Options):
-    """Command line of ``twistd nexus``."""
-
-    synopsis = "[--config nexus.toml] [--listen DESCRIPTION] [--demo] [--no-discovery]"
-    optParameters = [
-        ["config", "c", None,
-         "TOML configuration file. Without one: demo mode (an embedded mock backend)."],
-        ["listen", "l", None,
-         f"Where to listen, a strports description (default {DEFAULT_LISTEN}); "
-         "overrides server.listen."],
-    ]
-    optFlags = [
-        ["demo", None, "Also start an embedded mock backend on 127.0.0.1."],
-        ["no-discovery", None, "Do not look for backends on the network (mDNS); "
-         "as discovery.enabled = false."],
-    ]
-    longdesc = (
-        "Nexus: one OpenAI-compatible endpoint in front of a fleet of inference servers. "
-        "Every setting, its default and its NEXUS_* environment variable: docs/configuration.md; "
-        "faults, security and shutdown: docs/operations.md."
-    )
-
-    def opt_version(self) -> None:
-        """Print the version of Nexus and exit."""
-        print(f"nexus {__version__} (Twisted {twisted.__version__})")
-        sys.exit(0)
 
 
 class DemoBackendService(Service):

@@ -57,7 +57,8 @@ from nexus.discovery import (
 )
 from nexus.health import HealthPoller
 from nexus.registry import HEALTHY, SOURCE_CONFIG, SOURCE_MDNS, UNKNOWN, Backend, BackendRegistry
-from nexus.service import Options, makeService
+from nexus.service import makeService
+from nexus.tap import Options
 from tests.support import (
     TWISTD,
     Cleanup,

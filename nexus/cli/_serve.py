@@ -51,7 +51,7 @@ def serve(gateway_args: Sequence[str], pidfile: str | None) -> None:
 
 def gateway_options() -> list[tuple[str, str]]:
     """The options of ``twistd nexus`` as (``--name VALUE``, help) pairs, for ``--help``."""
-    from nexus.service import Options
+    from nexus.tap import Options
 
     rows: list[tuple[str, str]] = []
     parameters: list[Any] = list(Options.optParameters)

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 nexus = ServiceMaker(
     "Nexus LLM gateway",
-    "nexus.service",
+    "nexus.tap",
     "OpenAI-compatible gateway in front of a fleet of inference servers",
     "nexus",
 )
