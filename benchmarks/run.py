@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +173,14 @@ def gateway_toml(
 
 
 def clean_env() -> dict[str, str]:
-    """This environment without NEXUS_* overrides (they would change the gateway's config)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    """This environment without NEXUS_* overrides (they would change the gateway's config).
+
+    Discovery is off: a benchmark never browses the network (mDNS) and measures only
+    the backends it configures.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_DISCOVERY"] = "false"
+    return env
 
 
 #: A run is "clean" when other programs used at most this share of either CPU.
@@ -278,9 +284,17 @@ class Suite:
         http_json(f"{self.mock_url}/_mock/config", settings)
 
     def start_gateway(
-        self, name: str, toml: str, healthy: int, extra: Sequence[str] = ()
+        self,
+        name: str,
+        toml: str,
+        healthy: int,
+        extra: Sequence[str] = (),
+        settings: Mapping[str, str] | None = None,
     ) -> tuple[Proc, int]:
-        """A gateway on CPU 1 with config ``toml``, once ``healthy`` backends are healthy."""
+        """A gateway on CPU 1 with config ``toml``, once ``healthy`` backends are healthy.
+
+        ``settings`` are ``NEXUS_*`` overrides in its environment (none by default).
+        """
         port = free_port()
         config = self.workdir / f"{name}.toml"
         config.write_text(toml.replace("@PORT@", str(port)))
@@ -289,6 +303,7 @@ class Suite:
             [twistd(), "-n", "--pidfile=", *extra, "nexus", "--config", str(config)],
         )
         env = clean_env()
+        env.update(settings or {})
         env["BENCH_GC_FILE"] = str(self.workdir / f"{name}.gc.json")
         proc = self.procs.start(name, argv, env, path=[GCWATCH])
 
@@ -415,8 +430,8 @@ class Suite:
             )
 
     def micro(self) -> None:
-        """In-process micro-benchmarks of the metrics and the router."""
-        from benchmarks import bench_metrics, bench_routing
+        """In-process micro-benchmarks of the metrics, the router and the request log."""
+        from benchmarks import bench_metrics, bench_requestlog, bench_routing
 
         log("micro-benchmarks: metrics (record, render, stats) ...")
         if self.plan.micro_full:
@@ -429,6 +444,11 @@ class Suite:
             }
         log("micro-benchmarks: routing ...")
         self.r["routing"] = bench_routing.run()
+        log("micro-benchmarks: request log (build and write one event) ...")
+        if self.plan.micro_full:
+            self.r["request_log"] = bench_requestlog.run()
+        else:
+            self.r["request_log"] = bench_requestlog.run(calls=5_000)
 
     def non_streaming(self, gw: Proc, gw_port: int) -> None:
         """wrk at c1/c16/c64, direct and through Nexus, interleaved, repeated."""
@@ -484,6 +504,115 @@ class Suite:
                 "clean_runs": len(clean),
             }
         self.r["non_streaming"] = out
+
+    def request_log_c64(self, toml: str) -> None:
+        """c64 non-streaming through a gateway with the request log on and one with it off.
+
+        Both log JSON to their standard output, which the suite makes a file (the
+        process's log); "off" is ``NEXUS_LOGGING_REQUESTS=false``. The two gateways run
+        side by side on the gateway's CPU (the idle one only polls health every 5 s),
+        and their runs are interleaved, in alternating order, like the other runs; twice
+        as many as the others (at least two pairs), because the difference sought (10 %)
+        is about the spread between two runs on a virtual machine.
+        """
+        plan = self.plan
+        reps = max(2, 2 * plan.reps)
+        variants = {
+            "on": {"NEXUS_LOGGING_FORMAT": "json"},
+            "off": {"NEXUS_LOGGING_FORMAT": "json", "NEXUS_LOGGING_REQUESTS": "false"},
+        }
+        gateways: dict[str, tuple[Proc, int]] = {}
+        try:
+            for name, settings in variants.items():
+                log(f"request log: starting a gateway with the request log {name} ...")
+                gateways[name] = self.start_gateway(
+                    f"gateway-log-{name}", toml, 1, settings=settings
+                )
+            answered = dict.fromkeys(variants, 0)
+            for name, (_gw, port) in gateways.items():
+                warm = run_wrk(
+                    f"http://{HOST}:{port}/v1/chat/completions", 64, plan.warm_s, self.cpus.load
+                )
+                answered[name] += warm.requests
+            # Per run: (wrk result, gateway CPU s, wall s, log bytes written, foreign shares).
+            runs: dict[str, list[tuple[WrkResult, float, float, int, dict[str, float]]]] = {
+                name: [] for name in variants
+            }
+            for rep in range(reps):
+                order = ("off", "on") if rep % 2 == 0 else ("on", "off")
+                for name in order:
+                    gw, port = gateways[name]
+                    log(f"request log: c64, log {name} ({rep + 1}/{reps}) ...")
+                    size0, cpu0, t0 = gw.log.stat().st_size, gw.cpu_seconds(), time.monotonic()
+                    with self.watch(None, gw) as foreign:
+                        res = run_wrk(
+                            f"http://{HOST}:{port}/v1/chat/completions",
+                            64,
+                            plan.run_s,
+                            self.cpus.load,
+                        )
+                    runs[name].append(
+                        (
+                            res,
+                            gw.cpu_seconds() - cpu0,
+                            time.monotonic() - t0,
+                            gw.log.stat().st_size - size0,
+                            foreign,
+                        )
+                    )
+                    answered[name] += res.requests
+            out: dict[str, Any] = {}
+            for name, all_runs in runs.items():
+                clean = [run for run in all_runs if _clean(run[4], direct=False)]
+                used = clean or all_runs
+                requests = sum(run[0].requests for run in used)
+                gw, port = gateways[name]
+                events = sum(
+                    1 for line in gw.log.open(errors="replace") if '"nexus.requests"' in line
+                )
+                out[name] = {
+                    "rps": median([run[0].rps for run in used]),
+                    "p50_ms": median([run[0].p50_ms for run in used]),
+                    "p99_ms": median([run[0].p99_ms for run in used]),
+                    "gateway_cpu_us": 1e6 * sum(run[1] for run in used) / requests
+                    if requests
+                    else float("nan"),
+                    "gateway_busy": sum(run[1] for run in used) / sum(run[2] for run in used),
+                    "log_bytes_per_request": sum(run[3] for run in used) / requests
+                    if requests
+                    else float("nan"),
+                    "events": events,
+                    "answered": answered[name],
+                    "dropped": _dropped_log_events(port),
+                    "errors": sum(run[0].errors + run[0].bad_status for run in all_runs),
+                    "all_rps": [run[0].rps for run in all_runs],
+                    "all_cpu_us": [
+                        1e6 * run[1] / run[0].requests if run[0].requests else float("nan")
+                        for run in all_runs
+                    ],
+                    "runs": len(all_runs),
+                    "clean_runs": len(clean),
+                }
+            out["ratio"] = out["on"]["rps"] / out["off"]["rps"]
+            # Each repetition's two runs are next to each other in time: their ratio shows
+            # how far one pair can be from the medians on this machine.
+            out["pair_ratios"] = [
+                on_run[0].rps / off_run[0].rps
+                for on_run, off_run in zip(runs["on"], runs["off"], strict=True)
+                if off_run[0].rps
+            ]
+            # The phase's noise row: other programs' share, averaged over the measured runs.
+            every = [run for all_runs in runs.values() for run in all_runs]
+            wall = sum(run[2] for run in every)
+            self.r.setdefault("foreign", {})["request log"] = {
+                key: sum(run[4].get(key, 0.0) * run[2] for run in every) / wall
+                for key in ("gateway_cpu", "load_cpu")
+                if wall and any(key in run[4] for run in every)
+            }
+            self.r["request_log_c64"] = out
+        finally:
+            for gw, _ in gateways.values():
+                self.procs.stop(gw)
 
     def unpaced_streams(self, gw: Proc, gw_port: int) -> None:
         """wrk with ``stream: true`` at c16: streams per second, gateway CPU per event."""
@@ -761,7 +890,23 @@ class Suite:
             self.configure_mock(stream_chunks=5, stream_delay_ms=0)
             self.profile(gw, port, toml)
         self.procs.stop(gw)
+        self.request_log_c64(toml)
         self.fleet_scrapes()
+
+
+def _dropped_log_events(port: int) -> float:
+    """``nexus_log_events_dropped_total`` of the gateway on ``port`` (NaN if unreadable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith("nexus_log_events_dropped_total"):
+            return float(line.split()[-1])
+    return float("nan")
 
 
 def gc_delta(before: dict[str, Any], after: dict[str, Any], cpu_s: float) -> dict[str, Any]:
@@ -908,6 +1053,53 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
         )
     errors = sum(v.get("errors", 0) for v in ns.values()) if ns else float("nan")
     row(area, "failed requests (socket errors + non-2xx), all runs", "", f"{errors}")
+
+    area = "request log"
+    rl = r.get("request_log_c64", {})
+    on, off = _get(rl, "on", "rps"), _get(rl, "off", "rps")
+    ratio = _get(rl, "ratio")
+    pairs = rl.get("pair_ratios") or [float("nan")]
+    row(
+        area,
+        "req/s, c64, non-streaming: log on (JSON, to the gateway's stdout file) / off",
+        "",
+        f"{_f(on, 0)} / {_f(off, 0)}",
+        f"{_f(ratio)} of off (pairs of runs: {_f(min(pairs))} to {_f(max(pairs))})",
+        "≥ 0.90 of off",
+        _met(ratio >= 0.90, ratio),
+    )
+    cpu_on, cpu_off = _get(rl, "on", "gateway_cpu_us"), _get(rl, "off", "gateway_cpu_us")
+    row(
+        area,
+        "gateway CPU per request at c64 (µs): log on / off",
+        "",
+        f"{_f(cpu_on, 0)} / {_f(cpu_off, 0)}",
+        f"{_sf(cpu_on - cpu_off, 0)} µs",
+    )
+    row(
+        area,
+        "p50 / p99 latency at c64 (ms): log on; off",
+        "",
+        f"{_f(_get(rl, 'on', 'p50_ms'))} / {_f(_get(rl, 'on', 'p99_ms'))}; "
+        f"{_f(_get(rl, 'off', 'p50_ms'))} / {_f(_get(rl, 'off', 'p99_ms'))}",
+    )
+    answered = _get(rl, "on", "answered")
+    row(
+        area,
+        "log on: bytes written per request; events per request answered; events dropped",
+        "",
+        f"{_f(_get(rl, 'on', 'log_bytes_per_request'), 0)} B; "
+        f"{_f(_get(rl, 'on', 'events') / answered if answered else float('nan'))}; "
+        f"{_f(_get(rl, 'on', 'dropped'), 0)}",
+    )
+    row(
+        area,
+        "runs undisturbed by other programs (log on + off); failed requests",
+        "",
+        f"{_get(rl, 'on', 'clean_runs') + _get(rl, 'off', 'clean_runs')} of "
+        f"{_get(rl, 'on', 'runs') + _get(rl, 'off', 'runs')}; "
+        f"{_get(rl, 'on', 'errors') + _get(rl, 'off', 'errors')}",
+    )
 
     area = "streaming"
     up = r.get("unpaced", {})
@@ -1067,6 +1259,25 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
         "",
         "< 2 ms (contract §7)",
         _met(s100 < 2, s100),
+    )
+
+    area = "request log (in-process)"
+    lm = r.get("request_log", {})
+    row(
+        area,
+        "build and write one event (µs per request): JSON / text, to a file; log off "
+        "(history only)",
+        "",
+        f"{_f(_get(lm, 'json_file_us'), 1)} / {_f(_get(lm, 'text_file_us'), 1)}; "
+        f"{_f(_get(lm, 'history_only_us'), 1)}",
+    )
+    row(
+        area,
+        "the same without the write (a file that keeps nothing), µs: JSON / text; "
+        "bytes per event: JSON / text",
+        "",
+        f"{_f(_get(lm, 'json_no_write_us'), 1)} / {_f(_get(lm, 'text_no_write_us'), 1)}; "
+        f"{_f(_get(lm, 'json_bytes_per_event'), 0)} / {_f(_get(lm, 'text_bytes_per_event'), 0)}",
     )
 
     area = "scrape under load (20x10 fleet)"
