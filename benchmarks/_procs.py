@@ -274,11 +274,14 @@ def wrk_argv(
     )
 
 
-def wrk_env(models: Sequence[str] = ("bench-model",), stream: bool = False) -> dict[str, str]:
+def wrk_env(
+    models: Sequence[str] = ("bench-model",), stream: bool = False, endpoint: str = "chat"
+) -> dict[str, str]:
     """Environment for post.lua's knobs."""
     env = dict(os.environ)
     env["NEXUS_BENCH_MODELS"] = ",".join(models)
     env["NEXUS_BENCH_STREAM"] = "1" if stream else "0"
+    env["NEXUS_BENCH_ENDPOINT"] = endpoint
     return env
 
 
@@ -289,9 +292,11 @@ def run_wrk(
     cpu: int | None,
     models: Sequence[str] = ("bench-model",),
     stream: bool = False,
+    endpoint: str = "chat",
 ) -> WrkResult:
     """Run wrk to completion (bounded) and parse its figures."""
-    return finish_wrk(start_wrk(url, connections, seconds, cpu, models, stream), seconds + 30)
+    popen = start_wrk(url, connections, seconds, cpu, models, stream, endpoint)
+    return finish_wrk(popen, seconds + 30)
 
 
 def start_wrk(
@@ -301,6 +306,7 @@ def start_wrk(
     cpu: int | None,
     models: Sequence[str] = ("bench-model",),
     stream: bool = False,
+    endpoint: str = "chat",
 ) -> subprocess.Popen[str]:
     """Start wrk in the background; finish with :func:`finish_wrk`."""
     return subprocess.Popen(
@@ -309,7 +315,7 @@ def start_wrk(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=wrk_env(models, stream),
+        env=wrk_env(models, stream, endpoint),
         start_new_session=True,
     )
 

@@ -6,6 +6,7 @@
 --   NEXUS_BENCH_MODELS  comma-separated model names; with more than one, requests
 --                       rotate through them (default "bench-model")
 --   NEXUS_BENCH_STREAM  "1" sends "stream": true
+--   NEXUS_BENCH_ENDPOINT "embeddings" posts an embeddings body (two ~60-character inputs)
 -- At the end it prints one line "NEXUS_WRK {json}" with exact figures (latency in
 -- microseconds) for benchmarks/run.py; the usual wrk report is printed as well.
 
@@ -14,8 +15,14 @@ for name in string.gmatch(os.getenv("NEXUS_BENCH_MODELS") or "bench-model", "[^,
   models[#models + 1] = name
 end
 local stream = os.getenv("NEXUS_BENCH_STREAM") == "1"
+local embeddings = os.getenv("NEXUS_BENCH_ENDPOINT") == "embeddings"
 
 local function body(model)
+  if embeddings then
+    return '{"model": "' .. model .. '", "input": ['
+      .. '"Why does an HTTP proxy keep persistent upstream connections?", '
+      .. '"A pool of connections saves a TCP handshake on every request."]}'
+  end
   return '{"model": "' .. model .. '", "messages": ['
     .. '{"role": "system", "content": "You are a concise assistant for the platform team; answer plainly."}, '
     .. '{"role": "user", "content": "Summarise why an HTTP proxy keeps a pool of persistent '

@@ -452,24 +452,44 @@ class Suite:
 
     def non_streaming(self, gw: Proc, gw_port: int) -> None:
         """wrk at c1/c16/c64, direct and through Nexus, interleaved, repeated."""
+        self.r["non_streaming"] = self.direct_and_nexus(
+            gw, gw_port, "/v1/chat/completions", "chat", CONCURRENCY, "non-streaming"
+        )
+
+    def embeddings(self, gw: Proc, gw_port: int) -> None:
+        """The same as ``non_streaming`` for ``POST /v1/embeddings``, at c1 and c64."""
+        self.r["embeddings"] = self.direct_and_nexus(
+            gw, gw_port, "/v1/embeddings", "embeddings", (1, 64), "embeddings"
+        )
+
+    def direct_and_nexus(
+        self,
+        gw: Proc,
+        gw_port: int,
+        path: str,
+        endpoint: str,
+        concurrency: Sequence[int],
+        what: str,
+    ) -> dict[str, Any]:
+        """wrk on ``path`` direct and through Nexus, interleaved, repeated; figures by key."""
         plan = self.plan
         urls = {
-            "direct": f"{self.mock_url}/v1/chat/completions",
-            "nexus": f"http://{HOST}:{gw_port}/v1/chat/completions",
+            "direct": f"{self.mock_url}{path}",
+            "nexus": f"http://{HOST}:{gw_port}{path}",
         }
-        log("non-streaming: warming up ...")
+        log(f"{what}: warming up ...")
         for url in urls.values():
-            run_wrk(url, 16, plan.warm_s, self.cpus.load)
+            run_wrk(url, 16, plan.warm_s, self.cpus.load, endpoint=endpoint)
         # Per run: (wrk result, gateway CPU s, mock CPU s, wall s, foreign CPU shares).
         runs: dict[str, list[tuple[WrkResult, float, float, float, dict[str, float]]]] = {}
         assert self.mock is not None
         for rep in range(plan.reps):
-            for c in CONCURRENCY:
+            for c in concurrency:
                 for target, url in urls.items():
-                    log(f"non-streaming: {target} c{c} ({rep + 1}/{plan.reps}) ...")
+                    log(f"{what}: {target} c{c} ({rep + 1}/{plan.reps}) ...")
                     gw0, mock0, t0 = gw.cpu_seconds(), self.mock.cpu_seconds(), time.monotonic()
                     with self.watch(None, gw) as foreign:
-                        res = run_wrk(url, c, plan.run_s, self.cpus.load)
+                        res = run_wrk(url, c, plan.run_s, self.cpus.load, endpoint=endpoint)
                     runs.setdefault(f"{target}/c{c}", []).append(
                         (
                             res,
@@ -503,7 +523,7 @@ class Suite:
                 "runs": len(all_runs),
                 "clean_runs": len(clean),
             }
-        self.r["non_streaming"] = out
+        return out
 
     def request_log_c64(self, toml: str) -> None:
         """c64 non-streaming through a gateway with the request log on and one with it off.
@@ -882,6 +902,8 @@ class Suite:
         if gc0 is not None and gc1 is not None:
             self.r["gc"] = gc_delta(gc0, gc1, cpu1 - cpu0)
         self.r["rss_after_load_kb"] = gw.rss_kb()
+        with self.watch("embeddings", gw):
+            self.embeddings(gw, port)
         with self.watch("streaming", gw):
             self.unpaced_streams(gw, port)
             self.paced_streams(port)
@@ -1053,6 +1075,24 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
         )
     errors = sum(v.get("errors", 0) for v in ns.values()) if ns else float("nan")
     row(area, "failed requests (socket errors + non-2xx), all runs", "", f"{errors}")
+
+    em = r.get("embeddings", {})
+    area = "embeddings"
+    for c in (1, 64):
+        d, v = _get(em, f"direct/c{c}", "rps"), _get(em, f"nexus/c{c}", "rps")
+        ratio = v / d if d else float("nan")
+        row(area, f"req/s, c{c} (POST /v1/embeddings, 2 inputs)", _f(d, 0), _f(v, 0),
+            f"{_f(ratio)} of direct")
+    d, v = _get(em, "direct/c1", "p50_ms"), _get(em, "nexus/c1", "p50_ms")
+    row(area, "p50 latency, c1 (ms)", _f(d), _f(v), f"{_sf(v - d)} ms")
+    row(
+        area,
+        "CPU per request at c64 (µs; direct: the mock's, Nexus: the gateway's)",
+        _f(_get(em, "direct/c64", "mock_cpu_us"), 0),
+        _f(_get(em, "nexus/c64", "gateway_cpu_us"), 0),
+    )
+    row(area, "failed requests (socket errors + non-2xx), all runs", "",
+        str(sum(int(v.get("errors", 0)) for v in em.values())))
 
     area = "request log"
     rl = r.get("request_log_c64", {})
