@@ -913,6 +913,12 @@ class Suite:
             self.profile(gw, port, toml)
         self.procs.stop(gw)
         self.request_log_c64(toml)
+        from benchmarks import bench_dashboard
+
+        log("dashboards: c64 with 0 and 20 open /v1/events streams ...")
+        self.r["dashboard"] = bench_dashboard.run(
+            self, self.plan.reps, self.plan.run_s, self.plan.warm_s
+        )
         self.fleet_scrapes()
 
 
@@ -1541,6 +1547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 suite.notes.append(f"The run stopped early: {e}")
                 print(f"bench: {e}", file=sys.stderr)
         text = report(suite.r, plan, suite.notes, args.quick)
+        if suite.r.get("dashboard"):
+            from benchmarks import bench_dashboard
+
+            text += "\n## Open dashboards\n\n" + bench_dashboard.report(
+                suite.r["dashboard"], plan.reps, plan.run_s
+            )
         text += f"\nTotal time: {time.monotonic() - started:.0f} s.\n"
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
