@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import selectors
 import shutil
 import socket
@@ -53,10 +51,10 @@ from benchmarks.run import (
     QUICK,
     RESULTS,
     Suite,
-    choose_cpus,
     ensure_wrk,
     gateway_toml,
     log,
+    prepare_process,
 )
 
 #: Open event streams in the "20 dashboards" mode.
@@ -337,13 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    cpus = choose_cpus()
-    if cpus.load is not None:
-        os.sched_setaffinity(0, {cpus.load})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    cpus = prepare_process()
     workdir = Path(tempfile.mkdtemp(prefix="nexus-bench-dashboard-"))
     started = time.monotonic()
     try:

@@ -1471,6 +1471,18 @@ def choose_cpus() -> Cpus:
     return Cpus(available[0], available[1])
 
 
+def prepare_process() -> Any:
+    """Pin this process (and so wrk and the clients) to the load CPU; raise its fd limit."""
+    cpus = choose_cpus()
+    if cpus.load is not None:
+        os.sched_setaffinity(0, {cpus.load})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return cpus
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite and print the table."""
     parser = argparse.ArgumentParser(
@@ -1527,13 +1539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.wait_quiet > 0:
         wait_quiet(args.wait_quiet)
-    cpus = choose_cpus()
-    if cpus.load is not None:
-        os.sched_setaffinity(0, {cpus.load})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    cpus = prepare_process()
     workdir = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     started = time.monotonic()
     failed = False
