@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nexus.config import ENV_NOT_SETTINGS, Config, parse_config
+from nexus.config import ENV_NOT_SETTINGS, Config, ConfigError, load_config, parse_config
 
 #: (variable, the warning about it)
 UNKNOWN_VARIABLES: list[tuple[str, str]] = [
@@ -92,7 +92,6 @@ NOT_SETTINGS = [
     "NEXUS_SOAK_REPORT",
     "NEXUS_BENCH_MODELS",
     "NEXUS_BENCH_STREAM",
-    "NEXUS_SERVER_WORKERS",
 ]
 
 
@@ -167,3 +166,18 @@ UNKNOWN_KEYS: list[tuple[dict[str, Any], str]] = [
 def test_unknown_key_is_warned_with_the_closest_name(data: dict[str, Any], warning: str) -> None:
     _, warnings = parse_config(data, "nexus.toml", {})
     assert warnings == [f"nexus.toml: {warning}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "workers"), [("4", 4), ("auto", "auto"), (" AUTO ", "auto"), ("1", 1)]
+)
+def test_workers_from_the_environment(text: str, workers: int | str) -> None:
+    config, warnings = load_config(None, environ={"NEXUS_SERVER_WORKERS": text})
+    assert config.server.workers == workers
+    assert warnings == []
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "many", "1.5"])
+def test_bad_workers_from_the_environment_name_the_variable(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"NEXUS_SERVER_WORKERS: .*positive integer or \"auto\""):
+        load_config(None, environ={"NEXUS_SERVER_WORKERS": text})

@@ -57,7 +57,6 @@ ENV_NOT_SETTINGS: tuple[str, ...] = (
     "NEXUS_TEST_",  # test suite knobs (tests/faults, tox.ini passenv)
     "NEXUS_SOAK_",  # the soak test's size and report (tests/test_soak.py, tox.ini passenv)
     "NEXUS_BENCH_",  # the benchmark's wrk script (benchmarks/post.lua)
-    "NEXUS_SERVER_WORKERS",  # [server] workers (contract 12), to come
 )
 
 _ENV_TRUE = frozenset({"true", "1", "yes"})
@@ -187,6 +186,8 @@ def _env_type(tp: Any) -> Any:
         inner = [a for a in get_args(tp) if a is not type(None)]
         if len(inner) == 1 and inner[0] in _SCALARS:
             return inner[0]
+        if inner and all(a in _SCALARS for a in inner):
+            return str  # ``int | str``: the text as it is, the field's rule reads it
     return None
 
 
@@ -319,6 +320,26 @@ class _AtLeast:
 
 
 @attrs.frozen
+class _WorkerCount:
+    """``workers``: a positive integer, or ``"auto"`` (one per CPU)."""
+
+    def __call__(self, value: int | str) -> int | str:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return "auto"
+            if not text.isdigit():
+                raise _Invalid(f'must be a positive integer or "auto", got {value!r}')
+            value = int(text)
+        if value < 1:
+            raise _Invalid(f'must be a positive integer or "auto", got {value}')
+        return value
+
+    def __str__(self) -> str:
+        return 'a positive integer or "auto"'
+
+
+@attrs.frozen
 class _GreaterThan:
     low: int
 
@@ -415,6 +436,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ServerConfig, "max_headers"): _AtLeast(1),
     (ServerConfig, "idle_timeout_seconds"): _GreaterThan(0),
     (ServerConfig, "shutdown_grace_seconds"): _AtLeast(0),
+    (ServerConfig, "workers"): _WorkerCount(),
     (HealthCheckConfig, "interval_seconds"): _GreaterThan(0),
     (HealthCheckConfig, "timeout_seconds"): _GreaterThan(0),
     (HealthCheckConfig, "failure_threshold"): _AtLeast(1),
@@ -592,7 +614,12 @@ class _Validator:
         if origin in (UnionType, Union):  # ``X | None``: TOML has no null, code may pass None
             if raw is None:
                 return None
-            (tp,) = (a for a in args if a is not type(None))
+            choices = [a for a in args if a is not type(None)]
+            if len(choices) > 1:  # ``int | str``: the rule decides (``workers``)
+                if isinstance(raw, bool) or not isinstance(raw, tuple(choices)):
+                    self.fail(path, f"expected {rule or _expected(choices[0])}, got {_describe(raw)}")
+                return self.scalar(raw, type(raw), path, rule)
+            (tp,) = choices
             return self.value(raw, tp, path, rule)
         if origin in (tuple, frozenset):
             if not isinstance(raw, list | tuple):
@@ -701,6 +728,8 @@ def _make_converter() -> cattrs.Converter:
         return lambda value, _: MappingProxyType(structure(value, tp))
 
     converter.register_structure_hook_factory(is_mapping, read_only_mapping)
+    # ``workers``: already checked (an int, or "auto"), kept as it is.
+    converter.register_structure_hook(int | str, lambda value, _: value)
     return converter
 
 

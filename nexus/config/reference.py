@@ -136,7 +136,10 @@ def _type_text(tp: Any, rule: _Rule | None) -> str:
     """A field's type as the docs name it, with what its rule asks."""
     origin, args = get_origin(tp), get_args(tp)
     if origin in (UnionType, Union):
-        (tp,) = (a for a in args if a is not type(None))
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) > 1 and rule is not None:  # ``int | str``: the rule says it all
+            return str(rule)
+        (tp,) = choices
         return _type_text(tp, rule)
     each = ""
     if origin in (tuple, frozenset):

@@ -92,6 +92,15 @@ class ServerConfig:
             "long, then cuts the rest (recorded as 499)."
         ),
     )
+    workers: int | str = attrs.field(
+        default=1,
+        metadata=doc(
+            "Processes serving requests: with more than 1, a supervising process owns the "
+            "listening socket and runs this many workers on it, with one health poller and one "
+            "exact view of the metrics for all of them (docs/scaling.md). `\"auto\"` = one per "
+            "CPU. Changes take effect after a restart."
+        ),
+    )
     api_keys: tuple[str, ...] = attrs.field(
         default=(),
         metadata=doc(
