@@ -13,6 +13,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -75,6 +76,9 @@ class NexusAPI:
         self.created = int(wall_clock())
         self.metrics_resource = MetricsResource(collector)
         self.stats_resource = StatsResource(collector)
+        #: Fires when the numbers here include every request finished before now: at once in
+        #: one process; after a round trip to every worker in worker mode (``nexus.workers``).
+        self.synced: Callable[[], Deferred[None]] = lambda: succeed(None)
         #: The handler of each inference path.
         self.inference: dict[bytes, Handler] = {
             path: partial(self.infer, endpoint) for path, endpoint in ENDPOINTS.items()
@@ -138,8 +142,9 @@ class NexusAPI:
         return entries
 
     @app.route("/health", methods=["GET"])
-    def health(self, request: Any) -> bytes:
+    async def health(self, request: Any) -> bytes:
         """Gateway and fleet health: 200 when healthy or degraded, 503 when unhealthy."""
+        await self.synced()
         counts = self.registry.counts()
         total, healthy = counts["total"], counts[HEALTHY]
         if total and healthy == total:
@@ -162,17 +167,25 @@ class NexusAPI:
         )
 
     @app.route("/metrics", methods=["GET", "HEAD"])
-    def metrics(self, request: Request) -> Any:
+    async def metrics(self, request: Request) -> Any:
         """Prometheus exposition."""
-        return self._metrics_guard(request) or self.metrics_resource
+        refused = self._metrics_guard(request)
+        if refused is not None:
+            return refused
+        await self.synced()
+        return self.metrics_resource
 
     @app.route("/v1/stats", methods=["GET", "HEAD"])
-    def stats(self, request: Request) -> Any:
+    async def stats(self, request: Request) -> Any:
         """The same numbers as JSON."""
-        return self._metrics_guard(request) or self.stats_resource
+        refused = self._metrics_guard(request)
+        if refused is not None:
+            return refused
+        await self.synced()
+        return self.stats_resource
 
     @app.route("/v1/history", methods=["GET"])
-    def history(self, request: Any) -> bytes:
+    async def history(self, request: Any) -> bytes:
         """The last finished inference requests, newest first (``?limit=N``, N <= 100)."""
         refused = self._metrics_guard(request)
         if refused is not None:
@@ -187,6 +200,7 @@ class NexusAPI:
                     f"'limit' must be a whole number from 1 to {HISTORY_SIZE}.", param="limit"
                 ))
             limit = int(text)
+        await self.synced()
         return _json(request, 200, {"object": "list", "data": self.request_log.recent(limit)})
 
     def _metrics_guard(self, request: Any) -> bytes | None:
@@ -198,10 +212,11 @@ class NexusAPI:
 
     @app.route("/", methods=["GET", "HEAD"])
     @app.route("/dashboard", methods=["GET", "HEAD"])
-    def dashboard_page(self, request: Any) -> Any:
+    async def dashboard_page(self, request: Any) -> Any:
         """The dashboard's page (the token form first when a metrics token is set)."""
         if self.dashboard is None:
             return _no_dashboard(request)
+        await self.synced()
         return self.dashboard.page(request, self.access)
 
     @app.route("/dashboard/login", methods=["POST"])
@@ -245,6 +260,7 @@ def _no_dashboard(request: Any) -> bytes:
 
 def fleet_entry(backend: Backend) -> dict[str, object]:
     """One backend as ``/health``'s ``fleet`` shows it (contract section 1)."""
+    latency = backend.gateway_latency_ms
     return {
         "id": backend.name,
         "type": backend.type,
@@ -253,9 +269,7 @@ def fleet_entry(backend: Backend) -> dict[str, object]:
         "models": len(backend.models),
         "last_check": format_timestamp(backend.last_check),
         "last_error": backend.last_error,
-        "average_latency_ms": (
-            None if backend.avg_latency_ms is None else round(backend.avg_latency_ms, 1)
-        ),
+        "average_latency_ms": None if latency is None else round(latency, 1),
     }
 
 

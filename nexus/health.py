@@ -156,6 +156,7 @@ class HealthPoller:
         if models is not None:
             self.registry.set_models(backend, models)
             backend.missing_endpoints.clear()  # a new discovery: try every endpoint again
+            backend.model_discoveries += 1
         if backend.status == UNKNOWN or (
             backend.status == UNHEALTHY
             and backend.consecutive_successes >= self.config.recovery_threshold

@@ -77,6 +77,13 @@ class Backend:
     #: to and not checked, until the service returns or the backend is removed (mDNS).
     withdrawn: bool = False
 
+    #: Worker mode (contract section 12): the other workers' in-flight requests to this
+    #: backend and their latency averages, as of the last sync (``nexus.workers``).
+    #: Successful model discoveries so far (a worker clears ``missing_endpoints`` on a new one).
+    model_discoveries: int = 0
+    pending_elsewhere: int = 0
+    latency_elsewhere: tuple[float, ...] = ()
+
     def __attrs_post_init__(self) -> None:
         if not self.models:
             self.models = frozenset(self.config.models)
@@ -100,6 +107,19 @@ class Backend:
     def healthy(self) -> bool:
         """Whether requests may be routed here."""
         return self.status == HEALTHY
+
+    @property
+    def gateway_pending(self) -> int:
+        """Requests in flight to this backend from the whole gateway (every worker)."""
+        return max(0, self.pending) + self.pending_elsewhere
+
+    @property
+    def gateway_latency_ms(self) -> float | None:
+        """The latency moving average, over every worker that has one (None: no sample yet)."""
+        if not self.latency_elsewhere:
+            return self.avg_latency_ms
+        values = [v for v in (self.avg_latency_ms, *self.latency_elsewhere) if v is not None]
+        return sum(values) / len(values) if values else None
 
     def supports(self, model: str, needs: frozenset[str]) -> bool:
         """Whether this backend's ``model`` may serve a request needing ``needs``.

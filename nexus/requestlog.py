@@ -36,7 +36,7 @@ def request_event(record: RequestRecord) -> dict[str, Any]:
     else:
         outcome = "error"
     ttft = record.time_to_first_token
-    return {
+    event: dict[str, Any] = {
         "request_id": record.request_id,
         "endpoint": record.endpoint,
         "model": record.model,
@@ -57,6 +57,9 @@ def request_event(record: RequestRecord) -> dict[str, Any]:
         "fallback_from": record.fallback_from,
         "client": record.client,
     }
+    if record.worker is not None:
+        event["worker"] = record.worker
+    return event
 
 
 def summary(event: dict[str, Any]) -> str:
@@ -98,6 +101,10 @@ class RequestLog:
             if record.prompt_preview is not None:
                 logged = {**event, "prompt_preview": record.prompt_preview}
             self._log.info("{summary}", summary=summary(event), request=logged)
+
+    def remember(self, record: RequestRecord) -> None:
+        """Keep ``record``'s event in the history without logging it (another worker did)."""
+        self.history.append(request_event(record))
 
     def recent(self, limit: int = HISTORY_SIZE) -> list[dict[str, Any]]:
         """The last ``limit`` events, newest first."""

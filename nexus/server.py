@@ -146,6 +146,7 @@ class Exchange:
             started=site.now(),
             request_id=request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id")),
             client=_host(request),
+            worker=site.worker,
         )
         #: The client went away before the response was finished.
         self.gone = False
@@ -461,6 +462,8 @@ class NexusSite(Site):
         self.debug_access = debug_access
         self.now = now
         self.noisy = False
+        #: The worker number in worker mode (contract section 12), else None.
+        self.worker: int | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -479,6 +482,7 @@ class NexusSite(Site):
             started=self.now(),
             request_id=request_id,
             client=client,
+            worker=self.worker,
             error_type=error.error_type,
             error_message=error.message,
         )

@@ -34,6 +34,8 @@ class RequestRecord:
     endpoint: str = "chat"
     #: The client's address (host).
     client: str | None = None
+    #: The worker process that served it (worker mode), None in a single process.
+    worker: int | None = None
     model: str | None = None
     actual_model: str | None = None
     backend: str | None = None

@@ -143,7 +143,7 @@ class LiveView:
             backends.append({
                 **fleet_entry(backend),
                 "models": sorted(backend.models),
-                "pending": max(0, backend.pending),
+                "pending": backend.gateway_pending,
                 "requests": row.requests if row else 0,
                 "errors": errors.get(backend.name, 0),
                 # The mean over every request it served, as /v1/stats says.

@@ -166,17 +166,18 @@ class MetricsCollector:
 
     def record_health_check(self, backend: str, seconds: float) -> None:
         """Record the round trip of one health check that got an HTTP response."""
-        name = backend if isinstance(backend, str) else NO_BACKEND
-        series = self.health.get(name)
-        if series is None:
-            series = self.health[name] = HealthSeries(name)
-            self._attach(
-                series, (sanitize_label(name),), self._health_index, self.health_groups
-            )
+        series = self._health_series(backend if isinstance(backend, str) else NO_BACKEND)
         seconds = _seconds(seconds)
         series.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         series.sum += seconds
         self._mark(series)
+
+    def _health_series(self, name: str) -> HealthSeries:
+        series = self.health.get(name)
+        if series is None:
+            series = self.health[name] = HealthSeries(name)
+            self._attach(series, (sanitize_label(name),), self._health_index, self.health_groups)
+        return series
 
     def _mark(self, series: Series) -> None:
         if not series.dirty:
@@ -250,11 +251,60 @@ class MetricsCollector:
     ) -> None:
         series = store.get(names)
         if series is None:
-            series = store[names] = CountSeries(family, names)
-            labels = (sanitize_label(names[0]), sanitize_label(names[1]))
-            self._attach(series, labels, index, groups)
+            series = self._new_count(family, store, index, groups, names)
         series.count += 1
         self._mark(series)
+
+    def _new_count(
+        self,
+        family: Family,
+        store: dict[tuple[str, str], CountSeries],
+        index: dict[tuple[str, ...], Group[CountSeries]],
+        groups: list[Group[CountSeries]],
+        names: tuple[str, str],
+    ) -> CountSeries:
+        series = store[names] = CountSeries(family, names)
+        labels = (sanitize_label(names[0]), sanitize_label(names[1]))
+        self._attach(series, labels, index, groups)
+        return series
+
+    # -- copies (worker mode: a new worker starts from the gateway's counts) ---------------
+
+    def export(self) -> list[Series]:
+        """Copies of every series (no groups, no caches): what :meth:`absorb` takes."""
+        every: list[Series] = [
+            *self.pairs.values(), *self.errors.values(), *self.fallbacks.values(),
+            *self.health.values(),
+        ]
+        out: list[Series] = []
+        for series in every:
+            copy = series.empty_like()
+            copy.merge(series)
+            out.append(copy)
+        return out
+
+    def absorb(self, copies: list[Series]) -> None:
+        """Add exported series' numbers to this collector's (a worker's start)."""
+        for copy in copies:
+            series: Series
+            if isinstance(copy, PairSeries):
+                series = self._pair_for(copy.model, copy.backend, routed=True)
+            elif isinstance(copy, CountSeries):
+                # A copied family is equal, not the same object: compare names.
+                family, store, index, groups = (
+                    (ERRORS, self.errors, self._error_index, self.error_groups)
+                    if copy.family.name == ERRORS.name
+                    else (FALLBACKS, self.fallbacks, self._fallback_index, self.fallback_groups)
+                )
+                series = store.get(copy.names) or self._new_count(
+                    family, store, index, groups, copy.names
+                )
+            elif isinstance(copy, HealthSeries):
+                series = self._health_series(copy.backend)
+            else:
+                continue
+            series.merge(copy)  # type: ignore[arg-type]  # the same class, checked above
+            self._mark(series)
 
     # -- reading ---------------------------------------------------------------
 

@@ -415,7 +415,7 @@ class Renderer:
                 line = f'{PENDING_REQUESTS.name}{{backend="{sanitize_label(name)}"}} '
                 prefix = prefixes[name] = line.encode()
             # Names can collide once sanitized: their gauges add up.
-            pending[prefix] = pending.get(prefix, 0) + max(0, backend.pending)
+            pending[prefix] = pending.get(prefix, 0) + backend.gateway_pending
         lines = [
             headers[BACKENDS_TOTAL.name],
             b"%b %d\n" % (BACKENDS_TOTAL.name.encode(), len(backends)),

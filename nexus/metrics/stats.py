@@ -126,7 +126,7 @@ def build_stats(collector: MetricsCollector) -> Stats:
                 backend.name,
                 acc.requests,
                 acc.mean_ms(),
-                max(0, backend.pending),
+                backend.gateway_pending,
                 backend.status,
                 backend.type,
                 backend.source,
