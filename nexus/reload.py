@@ -10,6 +10,7 @@ backend object they hold, their deadline).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,12 @@ class Reload:
     no_discovery: bool = False
     restart_health: Callable[[float], None] | None = None
     log_setup: GatewayLog | None = None
+    #: False in a worker: the fleet (backends, health checks) is its supervisor's.
+    fleet: bool = True
+    #: Worker processes sharing the gateway's limits (1: a single process).
+    workers: int = 1
+    #: Called after a reload was applied (the supervisor then reloads its workers).
+    after: Callable[[], None] | None = None
 
     def __call__(self) -> bool:
         """Reload now; True when the new configuration was applied."""
@@ -76,6 +83,8 @@ class Reload:
         for warning in warnings:
             log.warn("{warning}", warning=warning)
         changes = self._apply(new, access, router)
+        if self.after is not None:
+            self.after()
         log.info(
             "reload: {path}: {changes}",
             path=self.path,
@@ -99,7 +108,8 @@ class Reload:
             if before != after:
                 log.warn("reload: {key} changed ({before!r} -> {after!r}): takes effect after "
                          "a restart", key=key, before=before, after=after)
-        changes += self._apply_backends(old, new)
+        if self.fleet:
+            changes += self._apply_backends(old, new)
         registry = gateway.registry
         if new.routing != old.routing:
             registry.set_routing(new.routing.aliases, new.routing.fallbacks)
@@ -119,14 +129,15 @@ class Reload:
         site.max_headers = new.server.max_headers
         site.max_header_bytes = new.server.max_header_bytes
         site.debug_access = new.logging.level == "debug"
-        gateway.admission.max_concurrent = new.server.max_concurrent_requests
+        limit = new.server.max_concurrent_requests  # the gateway's: each worker takes its share
+        gateway.admission.max_concurrent = math.ceil(limit / self.workers) if limit else 0
         if access.api_keys != gateway.api.access.api_keys or (
             access.metrics_token != gateway.api.access.metrics_token
         ):
             changes.append("access keys")
         gateway.api.access = access
         gateway.poller.config = new.health_check
-        if new.health_check != old.health_check:
+        if new.health_check != old.health_check and self.fleet:
             changes.append("health checks")
             if (
                 self.restart_health is not None

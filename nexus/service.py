@@ -41,6 +41,7 @@ from nexus.routing import Router, unserved_targets
 from nexus.server import NexusSite
 from nexus.testing import MockBackend, MockSettings, listen_mock
 from nexus.upstream import UpstreamClient
+from nexus.workers.supervisor import WorkerPool, refuse_tls_listen, worker_count
 
 log = Logger()
 
@@ -203,34 +204,50 @@ class GatewayService(MultiService):
 
     _previous_sighup: Any = None
 
-    def __init__(self, gateway: Gateway, reactor: Any, demo: bool = False) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        reactor: Any,
+        demo: bool = False,
+        listener: Service | None = None,
+        fleet: bool = True,
+    ) -> None:
+        """``listener`` replaces the site's own listening port (worker mode: the supervisor's
+        workers, or a worker's adopted socket); ``fleet`` False leaves the fleet (health
+        checks, discovery, the demo backend) to another process: a worker's supervisor.
+        """
         super().__init__()
         self.gateway = gateway
         self.reactor = reactor
+        self.fleet = fleet
         checked = gateway.config.health_check.enabled
-        if demo:
+        if demo and fleet:
             DemoBackendService(gateway.registry, reactor, checked).setServiceParent(self)
         gateway.upstream.setServiceParent(self)
-        if checked:
+        if fleet and checked:
             HealthService(gateway.poller, reactor).setServiceParent(self)
-        else:
+        elif fleet:
             # Without polling nothing would ever become healthy: trust the config.
             for backend in gateway.registry.backends:
                 backend.status = HEALTHY
-        if gateway.config.discovery.enabled:  # mDNS: advertised servers join the fleet
+        if fleet and gateway.config.discovery.enabled:  # mDNS: advertised servers join
             check = checker(gateway.poller, lambda: gateway.config.health_check.enabled)
             DiscoveryService(gateway.config.discovery, gateway.registry, reactor, check
                              ).setServiceParent(self)
         self.listen = gateway.config.server.listen
-        self.listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
-        self.listener.setName("http")
+        if listener is None:
+            listener = strports.service(with_backlog(self.listen), gateway.site, reactor=reactor)
+            listener.setName("http")
+        self.listener = listener
         self.listener.setServiceParent(self)
         if gateway.dashboard is not None:  # ends its event streams when the gateway stops
             gateway.dashboard.service.setServiceParent(self)
         #: The log twistd should use (``[logging]``), set by ``makeService``.
         self.log_setup: GatewayLog | None = None
         #: Re-reads the configuration file on SIGHUP (``nexus reload``).
-        self.reload = Reload(gateway, path=None, restart_health=self._restart_health)
+        self.reload = Reload(
+            gateway, path=None, restart_health=self._restart_health, fleet=fleet
+        )
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes the application, adds this service, then starts logging with the
@@ -266,6 +283,8 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.reactor.callWhenRunning(_freeze_startup_objects)
+        if not self.fleet:
+            return  # a worker: its supervisor reloads it, checks the fleet and warns
         if hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.gateway.config.health_check.enabled:
@@ -316,6 +335,15 @@ def _requests(n: int) -> str:
     return f"{n} request" if n == 1 else f"{n} requests"
 
 
+def worker_count_option(text: str) -> int | str:
+    """``--workers``: a positive integer or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f'expected a positive integer or "auto", got {text!r}')
+
+
 def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayService:
     """Build the gateway's service tree from ``twistd nexus`` options (nothing listens yet)."""
     if reactor is None:
@@ -330,6 +358,15 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         config = attrs.evolve(config, server=attrs.evolve(config.server, listen=options["listen"]))
     if options.get("no-discovery"):
         config = attrs.evolve(config, discovery=attrs.evolve(config.discovery, enabled=False))
+    if options.get("workers"):
+        try:
+            workers = worker_count_option(options["workers"])
+        except ValueError as e:
+            raise SystemExit(f"nexus: --workers: {e}") from None
+        config = attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))
+    workers = worker_count(config.server.workers)
+    if workers > 1 and (why := refuse_tls_listen(config.server.listen)):
+        raise SystemExit(f"nexus: {why}")
     try:
         serverFromString(reactor, with_backlog(config.server.listen))
     except (ValueError, KeyError, TypeError) as e:
@@ -349,7 +386,15 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
     except ConfigError as e:
         raise SystemExit(f"nexus: configuration error: {e}") from None
     demo = bool(options.get("demo") or not options.get("config"))
-    service = GatewayService(gateway, reactor, demo=demo)
+    pool = None
+    if workers > 1:  # this process supervises; the workers serve (nexus.workers)
+        pool = WorkerPool(
+            gateway, reactor, workers, options.get("config"),
+            log_destination=lambda: service.log_setup.destination if service.log_setup else None,
+        )
+    service = GatewayService(gateway, reactor, demo=demo, listener=pool)
+    if pool is not None:
+        service.reload.after = pool.reload_workers
     service.reload.path = options.get("config")
     service.reload.listen = options.get("listen")
     service.reload.no_discovery = bool(options.get("no-discovery"))

@@ -22,13 +22,18 @@ from nexus.tls import leave_tls_out, needs_tls
 class Options(usage.Options):
     """Command line of ``twistd nexus``."""
 
-    synopsis = "[--config nexus.toml] [--listen DESCRIPTION] [--demo] [--no-discovery]"
+    synopsis = (
+        "[--config nexus.toml] [--listen DESCRIPTION] [--workers N|auto] [--demo] [--no-discovery]"
+    )
     optParameters = [
         ["config", "c", None,
          "TOML configuration file. Without one: demo mode (an embedded mock backend)."],
         ["listen", "l", None,
          f"Where to listen, a strports description (default {DEFAULT_LISTEN}); "
          "overrides server.listen."],
+        ["workers", "w", None,
+         "Worker processes serving requests: a number, or auto (one per CPU); "
+         "overrides server.workers (default 1)."],
     ]
     optFlags = [
         ["demo", None, "Also start an embedded mock backend on 127.0.0.1."],

@@ -1,0 +1,174 @@
+"""What the supervisor and its workers say to each other, over AMP on a socketpair.
+
+One stream per worker, so everything arrives in the order it was sent; the
+exact view of the gateway rests on that (see :mod:`nexus.workers`).
+
+Values are pickled: both ends are the same program, started together, and
+the socketpair reaches no one else. AMP caps one value at 64 KiB, so big
+values go in pieces (:func:`pieces`).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import pickle
+from collections.abc import Iterator
+from operator import attrgetter
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+from twisted.protocols import amp
+
+from nexus.registry import Backend, BackendRegistry
+from nexus.tracking import RequestRecord
+
+#: Bytes per piece of a value that may be larger than AMP allows (65,535).
+PIECE_BYTES = 60_000
+#: Records per ``Records`` message (well under AMP's limit whatever the names).
+RECORDS_PER_MESSAGE = 100
+
+#: The record fields a worker ships: all but ``prompt_preview`` (only ever logged, by the
+#: worker that served the request).
+RECORD_FIELDS = tuple(
+    f.name for f in attrs.fields(RequestRecord) if f.name != "prompt_preview"
+)
+record_fields = attrgetter(*RECORD_FIELDS)
+
+
+def read_only(table: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    """A read-only mapping again (the configuration's tables), on the receiving end."""
+    return MappingProxyType(table)
+
+
+# The configuration's tables are read-only mappings: sent as the dicts they wrap.
+copyreg.pickle(MappingProxyType, lambda m: (read_only, (dict(m),)))
+
+
+def dumps(value: object) -> bytes:
+    """``value`` as bytes for the other end."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    """A value the other end sent."""
+    return pickle.loads(data)  # our own process, over our own socketpair
+
+
+def pieces(data: bytes, size: int = PIECE_BYTES) -> Iterator[bytes]:
+    """``data`` in slices AMP can carry (at least one, even when empty)."""
+    yield data[:size]
+    for start in range(size, len(data), size):
+        yield data[start : start + size]
+
+
+def record_from(fields: tuple[Any, ...]) -> RequestRecord:
+    """A finished record rebuilt from what :data:`record_fields` took from it."""
+    return RequestRecord(**dict(zip(RECORD_FIELDS, fields, strict=True)))
+
+
+# -- the fleet: backend states, from the supervisor's registry to every worker's ----------
+
+
+def backend_state(backend: Backend) -> tuple[Any, ...]:
+    """What a worker needs to route to ``backend`` as the supervisor sees it now."""
+    return (
+        backend.config,
+        backend.source,
+        backend.status,
+        backend.models,
+        backend.last_check,
+        backend.last_error,
+        backend.consecutive_failures,
+        backend.consecutive_successes,
+        backend.withdrawn,
+        backend.model_discoveries,
+    )
+
+
+def apply_backend_state(registry: BackendRegistry, state: tuple[Any, ...]) -> Backend:
+    """Make ``registry``'s backend what ``state`` says (added when new); tell its observers."""
+    (config, source, status, models, last_check, last_error, failures, successes, withdrawn,
+     discoveries) = state
+    if config.name in registry:
+        backend = registry.get(config.name)
+        if backend.config != config:
+            registry.reconfigure(backend, config)
+    else:
+        backend = registry.add(config, source)
+    backend.status = status
+    backend.last_check = last_check
+    backend.last_error = last_error
+    backend.consecutive_failures = failures
+    backend.consecutive_successes = successes
+    backend.withdrawn = withdrawn
+    if discoveries != backend.model_discoveries:  # a new discovery: every endpoint again
+        backend.model_discoveries = discoveries
+        backend.missing_endpoints.clear()
+    if backend.models != models:
+        backend.models = models
+        registry.reindex()
+    registry.changed(backend)
+    return backend
+
+
+# -- the commands -----------------------------------------------------------------------
+
+
+class Records(amp.Command):
+    """Finished requests (pickled field tuples): worker -> supervisor -> the other workers."""
+
+    arguments = [(b"data", amp.String())]
+    requiresAnswer = False
+
+
+class HealthCheck(amp.Command):
+    """One health check's round trip (``nexus_backend_latency_seconds``): to the workers."""
+
+    arguments = [(b"backend", amp.Unicode()), (b"seconds", amp.Float())]
+    requiresAnswer = False
+
+
+class BackendChanged(amp.Command):
+    """A backend's state (:func:`backend_state`), or its removal: to the workers."""
+
+    arguments = [(b"data", amp.String())]
+    requiresAnswer = False
+
+
+class BackendRemoved(amp.Command):
+    """A backend left the fleet: to the workers."""
+
+    arguments = [(b"name", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Snapshot(amp.Command):
+    """One piece of the gateway's counts and history, for a new worker."""
+
+    arguments = [(b"data", amp.String())]
+    requiresAnswer = False
+
+
+class Start(amp.Command):
+    """The state has been sent: start serving (answered once listening)."""
+
+    arguments = [(b"started", amp.Float())]  # the gateway's start, wall clock
+
+
+class Report(amp.Command):
+    """Supervisor -> worker: send what is pending, then say what is in flight now."""
+
+    response = [(b"data", amp.String())]
+
+
+class Sync(amp.Command):
+    """Worker -> supervisor: every other worker's records and in-flight counts, then answer."""
+
+    response = [(b"data", amp.String())]
+
+
+class Reload(amp.Command):
+    """Re-read the configuration file (SIGHUP to the supervisor)."""
+
+    response = [(b"applied", amp.Boolean())]
