@@ -41,7 +41,7 @@ from nexus.routing import Router, unserved_targets
 from nexus.server import NexusSite
 from nexus.testing import MockBackend, MockSettings, listen_mock
 from nexus.upstream import UpstreamClient
-from nexus.workers.supervisor import WorkerPool, refuse_tls_listen, worker_count
+from nexus.workers.supervisor import WorkerPool, listen_problem, worker_count
 
 log = Logger()
 
@@ -365,7 +365,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
             raise SystemExit(f"nexus: --workers: {e}") from None
         config = attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))
     workers = worker_count(config.server.workers)
-    if workers > 1 and (why := refuse_tls_listen(config.server.listen)):
+    if workers > 1 and (why := listen_problem(config.server.listen)):
         raise SystemExit(f"nexus: {why}")
     try:
         serverFromString(reactor, with_backlog(config.server.listen))

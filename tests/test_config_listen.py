@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nexus.config import DEFAULT_LISTEN, ServerConfig, listen_warnings, load_config
-from nexus.config.listen import exposure
+from nexus.config.listen import exposure, tcp_address
 
 #: (listen description, who else can connect; None: this machine only)
 EXPOSURE: list[tuple[str, str | None]] = [
@@ -79,3 +79,23 @@ def test_keys_from_the_environment_count(tmp_path: Path) -> None:
     assert len(listen_warnings(server)) == 1
     server = load_config(str(path), {"NEXUS_SERVER_API_KEYS": "sk-1"})[0].server
     assert listen_warnings(server) == []
+
+
+@pytest.mark.parametrize(
+    ("description", "address"),
+    [
+        ("tcp:8000", ("tcp", "", 8000, 50)),
+        ("tcp:8000:interface=127.0.0.1:backlog=1024", ("tcp", "127.0.0.1", 8000, 1024)),
+        ("tcp:0:127.0.0.1", ("tcp", "127.0.0.1", 0, 50)),
+        ("tcp6:8000:interface=\\:\\:1", ("tcp6", "::1", 8000, 50)),
+        ("tcp6:8000", ("tcp6", "::", 8000, 50)),
+    ],
+)
+def test_tcp_address(description: str, address: tuple[str, str, int, int]) -> None:
+    assert tcp_address(description) == address
+
+
+@pytest.mark.parametrize("description", ["unix:/tmp/s", "ssl:8443", "tcp:http", "tcp"])
+def test_tcp_address_refuses_what_is_not_a_tcp_port(description: str) -> None:
+    with pytest.raises(ValueError):
+        tcp_address(description)

@@ -196,6 +196,30 @@ def test_bad_listen_and_busy_port_stop_startup_with_one_line(tmp_path: Path) -> 
     )
 
 
+def test_workers_refuse_what_they_cannot_share_with_one_line(tmp_path: Path) -> None:
+    code, output = run_twistd(tmp_path, "--workers", "2", "--listen", "unix:nexus.sock")
+    assert code != 0 and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if "nexus:" in line]
+    assert "workers listen on tcp: or tcp6:" in line and "workers = 1" in line
+    code, output = run_twistd(tmp_path, "--workers", "none")
+    assert code != 0 and "Traceback" not in output, output
+    assert output.strip().splitlines() == [
+        "nexus: --workers: expected a positive integer or \"auto\", got 'none'"
+    ]
+    with socket.socket() as busy:  # a busy port: the same line as one process gives
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, output = run_twistd(
+            tmp_path, "--workers", "2", "--listen", f"tcp:{port}:interface=127.0.0.1"
+        )
+    assert code != 0 and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if "nexus:" in line]
+    assert line.endswith(
+        f"nexus: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+    )
+
+
 def test_version_and_help(tmp_path: Path) -> None:
     from nexus import __version__
 

@@ -54,6 +54,26 @@ def exposure(description: str) -> str | None:
     return f"interface {interface}"
 
 
+def tcp_address(description: str) -> tuple[str, str, int, int]:
+    """``(kind, interface, port, backlog)`` of a ``tcp:``/``tcp6:`` description.
+
+    The interface is ``""`` (every IPv4 address) or ``"::"`` (tcp6) when not given, as
+    Twisted reads it; ValueError for another kind or a port or backlog that is not a number.
+    """
+    kind, positional, keywords = _parse(description)
+    if kind not in _POSITIONAL_INTERFACE:
+        raise ValueError(f"not a tcp: or tcp6: description: {description!r}")
+    names = ("port", "interface", "backlog")
+    values = dict(zip(names, positional, strict=False)) | keywords
+    try:
+        port = int(values["port"])
+        backlog = int(values.get("backlog", 50))
+    except (KeyError, ValueError):
+        raise ValueError(f"a {kind}: description needs a port number: {description!r}") from None
+    interface = values.get("interface") or ("::" if kind == "tcp6" else "")
+    return kind, interface, port, backlog
+
+
 def _is_loopback(interface: str) -> bool:
     if interface.lower() == "localhost":
         return True

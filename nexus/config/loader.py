@@ -617,7 +617,8 @@ class _Validator:
             choices = [a for a in args if a is not type(None)]
             if len(choices) > 1:  # ``int | str``: the rule decides (``workers``)
                 if isinstance(raw, bool) or not isinstance(raw, tuple(choices)):
-                    self.fail(path, f"expected {rule or _expected(choices[0])}, got {_describe(raw)}")
+                    wanted = rule or _expected(choices[0])
+                    self.fail(path, f"expected {wanted}, got {_describe(raw)}")
                 return self.scalar(raw, type(raw), path, rule)
             (tp,) = choices
             return self.value(raw, tp, path, rule)

@@ -1,9 +1,14 @@
-"""The supervisor's side: the listening socket, the worker processes, their channels.
+"""The supervisor's side: the listening sockets, the worker processes, their channels.
 
-:class:`WorkerPool` is the listener of a supervising gateway. It opens the
-listening socket (and never accepts on it), starts ``count`` workers that
-accept on it, keeps one AMP channel per worker (a socketpair), replaces a worker
-that dies, and stops them all with the same drain as one process.
+:class:`WorkerPool` is the listener of a supervising gateway. It opens one
+listening socket per worker, all bound to the gateway's address with
+``SO_REUSEPORT`` (the kernel spreads new connections evenly over them; a shared
+socket let whichever worker woke first take a whole burst of connections), and
+never accepts on them itself; it starts ``count`` workers, each accepting on its
+own socket, keeps one AMP channel per worker (a socketpair), replaces a worker
+that dies (the new one takes over the same socket: connections that arrived
+meanwhile wait in its queue, none is refused), and stops them all with the same
+drain as one process.
 
 Through the channels it forwards every worker's finished records to the others
 (and keeps them in its own gateway's collector, the copy a new worker starts
@@ -22,18 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import Factory, ProcessProtocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from nexus.config.listen import tcp_address
+from nexus.logs import STANDARD_OUTPUT
 from nexus.registry import Backend
 from nexus.workers.channel import (
     BackendChanged,
     BackendRemoved,
     HealthCheck,
+    RecordBatch,
     Records,
     Reload,
     Report,
@@ -69,10 +76,6 @@ def worker_count(workers: int | str) -> int:
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
     return int(workers)
-
-
-class _Nothing(Protocol):
-    """The supervisor never accepts on its socket (the workers do): no protocol runs."""
 
 
 class Worker(ProcessProtocol):
@@ -122,6 +125,12 @@ class WorkerChannel(amp.AMP):
         super().__init__()
         self.pool = pool
         self.worker = worker
+        #: Other workers' records on their way to this one.
+        self.outgoing = RecordBatch(pool.reactor, self._write)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     @Records.responder
     def records(self, data: bytes) -> dict[str, Any]:
@@ -134,6 +143,7 @@ class WorkerChannel(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self.outgoing.cancel()
         self.pool.channel_lost(self)
 
 
@@ -161,7 +171,8 @@ class WorkerPool(Service):
         self.config_path = config_path
         self.log_destination = log_destination
         self.listen = gateway.config.server.listen
-        self.port: Any = None
+        #: The listening sockets, one per worker (worker N accepts on ``sockets[N - 1]``).
+        self.sockets: list[socket.socket] = []
         self.workers: dict[int, Worker] = {}
         self.channels: list[WorkerChannel] = []
         self.stopping = False
@@ -183,19 +194,11 @@ class WorkerPool(Service):
     # -- the socket -------------------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
-        from nexus.service import with_backlog
-
         super().privilegedStartService()
-        outcome: list[Any] = []
-        endpoint = serverFromString(self.reactor, with_backlog(self.listen))
-        factory = Factory.forProtocol(_Nothing)
-        factory.noisy = False
-        endpoint.listen(factory).addBoth(outcome.append)
-        (result,) = outcome  # tcp:, tcp6: and unix: listen at once
-        if isinstance(result, Failure):
-            result.raiseException()
-        self.port = result
-        self.port.stopReading()  # the workers accept; this process only holds the socket
+        try:
+            self.sockets = listening_sockets(self.listen, self.count)
+        except OSError as e:
+            raise SystemExit(f"nexus: cannot listen on {self.listen}: {e.strerror}") from None
 
     def startService(self) -> None:
         super().startService()
@@ -213,14 +216,15 @@ class WorkerPool(Service):
             sys.executable, "-m", "nexus.workers.worker",
             "--index", str(index),
             "--workers", str(self.count),
-            "--family", str(int(self.port.socket.family)),
+            "--family", str(int(self.sockets[index - 1].family)),
         ]
         if self.config_path:
             args += ["--config", self.config_path]
         try:
             self.reactor.spawnProcess(
                 worker, sys.executable, args, env=os.environ.copy(),
-                childFDs={0: "w", 1: "r", 2: 2, LISTEN_FD: self.port.fileno(),
+                childFDs={0: "w", 1: 1 if self._log_to_stdout() else "r", 2: 2,
+                          LISTEN_FD: self.sockets[index - 1].fileno(),
                           CHANNEL_FD: theirs.fileno()},
             )
         finally:
@@ -291,6 +295,16 @@ class WorkerPool(Service):
             self.channels.remove(channel)
         channel.worker.channel = None
 
+    def _log_to_stdout(self) -> bool:
+        """Whether the gateway logs to standard output: the workers then write to it too.
+
+        Otherwise (``--logfile``) their lines come through a pipe and this process writes
+        them into the file it rotates. Each line is one write either way: lines never mix.
+        """
+        destination = self.log_destination()
+        # Compared by name: twistd has replaced sys.stdout by then (print() is logged).
+        return destination is None or destination.name == STANDARD_OUTPUT
+
     def write_log(self, data: bytes) -> None:
         """Lines a worker logged (already formatted): into the gateway's log."""
         destination = self.log_destination()
@@ -316,11 +330,14 @@ class WorkerPool(Service):
 
     def forward_records(self, origin: WorkerChannel, data: bytes) -> None:
         """A worker's finished records: to every other worker, and into this process's copy."""
+        batch = loads(data)
         for channel in self.channels:
             if channel is not origin:
-                channel.callRemote(Records, data=data)
+                outgoing = channel.outgoing
+                for fields in batch:
+                    outgoing.add(fields)
         gateway = self.gateway
-        for fields in loads(data):
+        for fields in batch:
             record = record_from(fields)
             gateway.collector.record_request(record)
             gateway.request_log.remember(record)
@@ -349,6 +366,7 @@ class WorkerPool(Service):
                     if channel.worker.pid is not None:
                         self._last_drops[channel.worker.pid] = report["drops"]
                     reports.append(report)
+            asker.outgoing.flush()  # every record before the answer: the stream keeps order
             return {"data": dumps({"reports": reports, "retired_drops": self.retired_drops})}
 
         return DeferredList(asked, consumeErrors=True).addCallback(answer)
@@ -371,9 +389,9 @@ class WorkerPool(Service):
         workers = list(self.workers.values())
         for worker in workers:
             worker.signal("TERM")
-        if self.port is not None:
-            self.port.stopListening()  # closed for good once the workers close their copies
-            self.port = None
+        for sock in self.sockets:  # closed for good once the workers close their copies
+            sock.close()
+        self.sockets = []
         if not workers:
             return succeed(None)
         grace = self.gateway.config.server.shutdown_grace_seconds + KILL_MARGIN
@@ -394,12 +412,48 @@ class WorkerPool(Service):
                 worker.signal("KILL")
 
 
-def refuse_tls_listen(listen: str) -> str | None:
-    """Why ``listen`` cannot be shared by workers (None: it can)."""
-    kind = listen.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "unix"):
-        return None
-    return (
-        f"workers need a tcp:, tcp6: or unix: listen description, not {kind}: "
-        "(terminate TLS in front of the gateway, or run one process: workers = 1)"
-    )
+def listening_sockets(listen: str, count: int) -> list[socket.socket]:
+    """``count`` non-blocking sockets listening on ``listen``'s address with ``SO_REUSEPORT``.
+
+    A port of 0 is chosen by the kernel for the first and taken by the others. A port
+    that another program (or another gateway: ``SO_REUSEPORT`` would let one of the
+    same user join this group) already listens on is refused: OSError, EADDRINUSE.
+    """
+    kind, interface, port, backlog = tcp_address(listen)
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, port))  # without SO_REUSEPORT: fails if anyone listens
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((interface, port))
+            port = sock.getsockname()[1]
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def listen_problem(listen: str) -> str | None:
+    """Why workers cannot listen as ``listen`` says (None: they can)."""
+    try:
+        tcp_address(listen)
+    except ValueError:
+        kind = listen.split(":", 1)[0]
+        return (
+            f"workers listen on tcp: or tcp6: (one SO_REUSEPORT socket each), not {kind}: "
+            f"{listen!r} (terminate TLS or serve a unix socket in front of the gateway, or run "
+            "one process: workers = 1)"
+        )
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return "workers need SO_REUSEPORT, which this system lacks: run one process (workers = 1)"
+    return None
