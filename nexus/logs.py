@@ -390,6 +390,10 @@ def make_observer(destination: LogDestination, config: LoggingConfig) -> ILogObs
     return GatewayLog(destination, config).observer
 
 
+#: How a log destination names the process's standard output.
+STANDARD_OUTPUT = "standard output"
+
+
 def observer_for(options: Mapping[str, Any], config: LoggingConfig) -> GatewayLog | None:
     """The log twistd would have set up from its ``options``, in ``config``'s format and level.
 
@@ -407,7 +411,7 @@ def observer_for(options: Mapping[str, Any], config: LoggingConfig) -> GatewayLo
     if name == "-" and not nodaemon:
         return None  # twistd exits with "Daemons cannot log to stdout"
     if name == "-" or (nodaemon and not name):
-        destination = LogDestination(sys.stdout, "standard output")
+        destination = LogDestination(sys.stdout, STANDARD_OUTPUT)
     else:
         try:
             log_file = LogFile.fromFullPath(name or "twistd.log")

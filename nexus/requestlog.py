@@ -89,25 +89,26 @@ class RequestLog:
 
     def __init__(self, log_requests: bool = True, history_size: int = HISTORY_SIZE) -> None:
         self.log_requests = log_requests
-        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        #: The last finished records (their events are built when someone reads them).
+        self.history: deque[RequestRecord] = deque(maxlen=history_size)
         self._log = Logger(namespace=NAMESPACE)
 
     def record(self, record: RequestRecord) -> None:
         """A recorder: turn the finished ``record`` into its event, once."""
-        event = request_event(record)
-        self.history.append(event)
+        self.history.append(record)
         if self.log_requests:
-            logged = event
+            logged = request_event(record)
+            summary_line = summary(logged)
             if record.prompt_preview is not None:
-                logged = {**event, "prompt_preview": record.prompt_preview}
-            self._log.info("{summary}", summary=summary(event), request=logged)
+                logged["prompt_preview"] = record.prompt_preview
+            self._log.info("{summary}", summary=summary_line, request=logged)
 
     def remember(self, record: RequestRecord) -> None:
-        """Keep ``record``'s event in the history without logging it (another worker did)."""
-        self.history.append(request_event(record))
+        """Keep ``record`` in the history without logging it (another worker did)."""
+        self.history.append(record)
 
     def recent(self, limit: int = HISTORY_SIZE) -> list[dict[str, Any]]:
         """The last ``limit`` events, newest first."""
         history = self.history
         count = min(limit, len(history))
-        return [history[-1 - i] for i in range(count)]
+        return [request_event(history[-1 - i]) for i in range(count)]

@@ -52,8 +52,6 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     time_to_first_token: float | None = None
-    #: The first characters of the last user message, only with ``content_preview`` on.
-    prompt_preview: str | None = None
     #: The HTTP status sent (CLIENT_CLOSED when the client left first); set by ``finish``.
     status: int = 0
     #: Seconds from the start to the last byte; set by ``finish``.
@@ -62,6 +60,9 @@ class RequestRecord:
     finished: bool = False
     #: The client went away before the response was finished.
     client_gone: bool = False
+    #: The first characters of the last user message, only with ``content_preview`` on
+    #: (last: every field before it is what a worker sends to the others).
+    prompt_preview: str | None = None
 
     def set_usage(self, prompt: int | None, completion: int | None) -> None:
         """Keep token counts reported by the backend."""

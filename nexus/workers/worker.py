@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -31,10 +31,10 @@ from twisted.python.failure import Failure
 
 from nexus.tracking import RequestRecord
 from nexus.workers.channel import (
-    RECORDS_PER_MESSAGE,
     BackendChanged,
     BackendRemoved,
     HealthCheck,
+    RecordBatch,
     Records,
     Reload,
     Report,
@@ -96,8 +96,8 @@ class WorkerLink(amp.AMP):
         self.gateway = gateway
         self.reactor = reactor
         self.on_start = on_start
-        self._batch: list[tuple[Any, ...]] = []
-        self._flush: IDelayedCall | None = None
+        #: This worker's finished records, on their way to the supervisor.
+        self.outgoing = RecordBatch(reactor, self._write)
         self._snapshot: list[bytes] = []
         #: Another worker's finished records go to these (no log line: it logged them).
         self.replica_recorders: tuple[Callable[[RequestRecord], None], ...] = (
@@ -121,22 +121,16 @@ class WorkerLink(amp.AMP):
     # -- this worker's records ------------------------------------------------------------
 
     def record(self, record: RequestRecord) -> None:
-        """A recorder: ship ``record`` at the end of this reactor turn, with its neighbours."""
-        self._batch.append(record_fields(record))
-        if self._flush is None:
-            self._flush = self.reactor.callLater(0, self.flush)
+        """A recorder: send ``record`` to the supervisor (in a batch, within ``SEND_DELAY``)."""
+        self.outgoing.add(record_fields(record))
 
     def flush(self) -> None:
         """Send the records not sent yet."""
-        if self._flush is not None:
-            if self._flush.active():
-                self._flush.cancel()
-            self._flush = None
-        batch, self._batch = self._batch, []
-        if self.transport is None:
-            return
-        for start in range(0, len(batch), RECORDS_PER_MESSAGE):
-            self.callRemote(Records, data=dumps(batch[start : start + RECORDS_PER_MESSAGE]))
+        self.outgoing.flush()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     # -- a read of the gateway's numbers ---------------------------------------------------
 

@@ -1,0 +1,160 @@
+"""The worker channel's values and messages (nexus.workers.channel), in memory."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+
+from nexus.config import BackendConfig
+from nexus.registry import HEALTHY, UNKNOWN, BackendRegistry
+from nexus.tracking import RequestRecord
+from nexus.workers.channel import (
+    Records,
+    apply_backend_state,
+    backend_state,
+    dumps,
+    loads,
+    pieces,
+    record_fields,
+    record_from,
+    records_box,
+)
+
+
+def finished_record() -> RequestRecord:
+    record = RequestRecord(
+        started=1.0, request_id="abc", client="127.0.0.1", worker=2, model="m",
+        actual_model="m", backend="a", backend_type="ollama", stream=True, attempts=2,
+        route_reason="smart: a", error_type=None, prompt_tokens=3, completion_tokens=4,
+        time_to_first_token=0.25, prompt_preview="never shipped",
+    )
+    record.finish(200, 3.5)
+    return record
+
+
+def test_a_record_crosses_whole_but_for_its_prompt_preview() -> None:
+    record = finished_record()
+    again = record_from(loads(dumps(record_fields(record))))
+    assert again.prompt_preview is None
+    record.prompt_preview = None
+    assert again.__getstate__() == record.__getstate__()  # type: ignore[attr-defined]
+
+
+def test_the_records_box_is_what_amp_itself_would_send() -> None:
+    data = dumps([record_fields(finished_record())] * 3)
+    sent = StringTransport()
+    protocol = amp.AMP()
+    protocol.makeConnection(sent)
+    protocol.callRemote(Records, data=data)
+    assert records_box(data) == sent.value()
+    # ...and AMP on the other end reads it as the command.
+    got: list[bytes] = []
+
+    class Receiver(amp.AMP):
+        @Records.responder
+        def records(self, data: bytes) -> dict[str, object]:
+            got.append(data)
+            return {}
+
+    receiver = Receiver()
+    receiver.makeConnection(StringTransport())
+    receiver.dataReceived(records_box(data) + records_box(b""))
+    assert got == [data, b""]
+
+
+def test_pieces_cover_the_value_in_amp_sized_slices() -> None:
+    data = bytes(range(256)) * 1000
+    parts = list(pieces(data, 60_000))
+    assert b"".join(parts) == data and all(len(p) <= 60_000 for p in parts)
+    assert list(pieces(b"")) == [b""]
+
+
+def test_backend_states_make_a_workers_registry_the_supervisors() -> None:
+    config = BackendConfig(
+        name="a", url="http://127.0.0.1:1", models=("m",),
+        model_capabilities=MappingProxyType({"m": frozenset({"vision"})}),
+    )
+    supervisor = BackendRegistry([config])
+    worker = BackendRegistry([])
+    seen: list[tuple[str, bool]] = []
+    worker.observers.append(lambda b, removed: seen.append((b.status, removed)))
+    backend = supervisor.get("a")
+    apply_backend_state(worker, loads(dumps(backend_state(backend))))
+    assert worker.get("a").status == UNKNOWN and worker.known_models == {"m"}
+    backend.status = HEALTHY
+    backend.models = frozenset({"m", "n"})
+    backend.model_discoveries += 1
+    mine = worker.get("a")
+    mine.missing_endpoints.add("embeddings")
+    apply_backend_state(worker, loads(dumps(backend_state(backend))))
+    assert mine.status == HEALTHY and worker.is_available("n")
+    assert mine.missing_endpoints == set()  # a new discovery: every endpoint again
+    assert mine.config.model_capabilities["m"] == frozenset({"vision"})
+    assert seen == [(UNKNOWN, False), (UNKNOWN, False), (HEALTHY, False)]
+
+
+# -- the supervisor's sockets --------------------------------------------------------------
+
+
+def test_each_worker_gets_its_own_socket_on_one_port() -> None:
+    import socket
+
+    from nexus.workers.supervisor import listening_sockets
+
+    sockets = listening_sockets("tcp:0:interface=127.0.0.1:backlog=64", 3)
+    try:
+        ports = {s.getsockname() for s in sockets}
+        assert len(sockets) == 3 and len(ports) == 1  # one address, three sockets
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets)
+        assert all(not s.getblocking() for s in sockets)
+        # A client connects; one of them (the kernel's choice) has it to accept.
+        with socket.create_connection(next(iter(ports)), timeout=5):
+            import select
+
+            ready, _, _ = select.select(sockets, [], [], 5)
+            assert len(ready) == 1
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_busy_port_is_one_error_and_leaves_nothing_open() -> None:
+    import socket
+
+    import pytest
+
+    from nexus.workers.supervisor import listening_sockets
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            listening_sockets(f"tcp:{port}:interface=127.0.0.1", 2)
+
+
+def test_workers_listen_on_tcp_only() -> None:
+    from nexus.workers.supervisor import listen_problem
+
+    assert listen_problem("tcp:8000:interface=127.0.0.1") is None
+    assert listen_problem("tcp6:8000:interface=\\:\\:1") is None
+    for description in ("unix:/run/nexus.sock", "ssl:8443:privateKey=k.pem"):
+        problem = listen_problem(description)
+        assert problem is not None and "workers = 1" in problem and description in problem
+
+
+def test_a_second_gateway_cannot_join_the_first_ones_port() -> None:
+    import pytest
+
+    from nexus.workers.supervisor import listening_sockets
+
+    first = listening_sockets("tcp:0:interface=127.0.0.1", 2)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(OSError):  # SO_REUSEPORT alone would have let it in
+            listening_sockets(f"tcp:{port}:interface=127.0.0.1", 2)
+    finally:
+        for s in first:
+            s.close()
