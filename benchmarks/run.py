@@ -920,6 +920,13 @@ class Suite:
             self, self.plan.reps, self.plan.run_s, self.plan.warm_s
         )
         self.fleet_scrapes()
+        from benchmarks import bench_workers
+
+        log("workers: 1 and 2 workers, c64 and scrapes ...")
+        self.r["workers"] = bench_workers.run(
+            self, self.plan.reps + 1, self.plan.run_s, self.plan.warm_s,
+            50 if self.plan is QUICK else 200,
+        )
 
 
 def _dropped_log_events(port: int) -> float:
@@ -1559,6 +1566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             text += "\n## Open dashboards\n\n" + bench_dashboard.report(
                 suite.r["dashboard"], plan.reps, plan.run_s
             )
+        if suite.r.get("workers"):
+            from benchmarks import bench_workers
+
+            text += "\n## Workers\n\n" + bench_workers.report(suite.r["workers"])
         text += f"\nTotal time: {time.monotonic() - started:.0f} s.\n"
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
