@@ -158,3 +158,31 @@ def test_a_second_gateway_cannot_join_the_first_ones_port() -> None:
     finally:
         for s in first:
             s.close()
+
+
+def test_a_worker_leaves_the_fleet_to_its_supervisor() -> None:
+    """One health poller and one mDNS browser per gateway: the supervisor's, none in workers."""
+    from twisted.application.service import Service
+    from twisted.internet.task import Clock
+
+    from nexus.config import load_config
+    from nexus.service import GatewayService, build_gateway
+
+    config, _ = load_config(None, environ={"NEXUS_DISCOVERY": "true"})
+    gateway = build_gateway(config, Clock())
+    listener = Service()
+    listener.setName("http")
+    worker = GatewayService(gateway, Clock(), demo=True, listener=listener, fleet=False)
+    assert sorted(s.name for s in worker if s.name) == ["dashboard", "http", "upstream"]
+    supervisor = GatewayService(build_gateway(config, Clock()), Clock(), demo=True)
+    names = {s.name for s in supervisor if s.name}
+    assert {"health", "discovery", "demo-backend", "http"} <= names
+
+
+def test_auto_is_one_worker_per_cpu_this_process_may_use() -> None:
+    import os
+
+    from nexus.workers.supervisor import worker_count
+
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3

@@ -211,3 +211,44 @@ async def test_sighup_reloads_every_worker(
     lines = [line for line in gateway.log()[since:].splitlines() if "reload:" in line]
     assert len(lines) == 3, lines
     assert any("backend beta added" in line for line in lines)  # the supervisor's fleet
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_events_and_pending_cover_every_worker(
+    start_gateway: StartGateway, cleanup: Cleanup
+) -> None:
+    from tests.support import StreamedBody
+
+    gateway, backend = await start_two(
+        start_gateway, cleanup, stream_chunks=30, stream_delay_ms=50
+    )
+    # Two event streams: with one socket per worker they may land on either; whichever
+    # worker holds them, each sees every request, served by either worker.
+    streams = []
+    for _ in range(2):
+        response = await gateway.agent.request(b"GET", (gateway.url + "/v1/events").encode())
+        assert response.code == 200
+        body = StreamedBody()
+        response.deliverBody(body)
+        streams.append(body)
+    seen = await many(30, lambda: chat(gateway, "m"), concurrency=6)
+    ids = {s.headers.getRawHeaders(b"x-request-id")[0] for s in seen}  # type: ignore[index]
+    history = (await gateway.get_json("/v1/history"))["data"]
+    assert {e["worker"] for e in history} == {1, 2}
+
+    def every_request_shown() -> bool:
+        return all(all(i in body.data for i in ids) for body in streams)
+
+    await wait_for(every_request_shown, timeout=5, what="30 request events in both streams")
+    for body in streams:
+        body.leave()
+    # Requests in flight on both workers: nexus_pending_requests is their sum.
+    flowing = [ensureDeferred(chat(gateway, "m", stream=True)) for _ in range(10)]
+    await wait_for(lambda: backend.stats()["in_flight"] == 10, what="10 streams flowing")
+    for _ in range(4):
+        assert (await gateway.metrics()).pending() == {"alpha": 10}
+        stats = await gateway.get_json("/v1/stats")
+        assert stats["backends"][0]["pending"] == 10
+    done = await gatherResults(flowing)
+    assert [s.status for s in done] == [200] * 10
+    await gateway.assert_no_pending()
