@@ -136,6 +136,9 @@ class WorkerLink(amp.AMP):
 
     def sync(self) -> Deferred[None]:
         """Fires once every request finished anywhere before now is in this worker's numbers."""
+        # Its own records first: after any read, the supervisor holds everything this worker
+        # finished (so a worker killed after a read loses none of what the read showed).
+        self.flush()
         d: Deferred[Any] = self.callRemote(Sync)
         d.addCallback(lambda answer: self._apply_reports(loads(answer["data"])))
         return d

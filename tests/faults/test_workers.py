@@ -134,6 +134,7 @@ async def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
     assert [s.status for s in during] == [200] * 20
     await wait_for(lambda: 1 in serving(gateway, since), timeout=10, what="worker 1 replaced")
     replaced_after = time.monotonic() - killed
+    print(f"worker replaced and serving {replaced_after:.2f} s after SIGKILL")
     new_pid = serving(gateway, since)[1]
     assert new_pid != victim and alive(new_pid) and not alive(victim)
     assert replaced_after < 2.0 + 1.0, replaced_after  # contract: < 2 s (+ this test's polling)
