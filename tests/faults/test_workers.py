@@ -253,3 +253,21 @@ async def test_dashboard_events_and_pending_cover_every_worker(
     done = await gatherResults(flowing)
     assert [s.status for s in done] == [200] * 10
     await gateway.assert_no_pending()
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_do_not_outlive_their_supervisor(
+    start_gateway: StartGateway, cleanup: Cleanup
+) -> None:
+    import socket
+
+    gateway, _ = await start_two(start_gateway, cleanup)
+    workers = serving(gateway)
+    assert (await chat(gateway, "m")).status == 200
+    gateway.kill()  # SIGKILL: no drain, no goodbye
+    gateway.stopped = True
+    await wait_for(lambda: not any(alive(pid) for pid in workers.values()), timeout=10,
+                   what="the workers to end with their supervisor")
+    with socket.socket() as probe:  # and nothing listens on the port any more
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+        probe.bind(("127.0.0.1", gateway.port))
