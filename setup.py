@@ -16,6 +16,7 @@ setup(
         "nexus.dashboard",
         "nexus.metrics",
         "nexus.testing",
+        "nexus.workers",
         "twisted.plugins",
     ],
     package_data={
