@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from nexus import __version__
@@ -75,6 +77,9 @@ class LiveView:
         self.series = TimeSeries(clock)
         self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=RECENT)
         self.hub = EventHub(on_idle=self._idle)
+        #: Fires once the numbers include every request finished before now (worker mode:
+        #: a round trip to the other workers; see ``NexusAPI.synced``).
+        self.synced: Callable[[], Deferred[None]] = lambda: succeed(None)
         # Requests finished / sent to subscribers, since start (the difference is pending).
         self._finished = 0
         self._sent = 0
@@ -211,11 +216,19 @@ class LiveView:
             )
         return subscriber
 
-    def _tick(self) -> None:
+    def _tick(self) -> Deferred[None]:
+        # In worker mode the numbers first take in every worker's (``synced``).
+        return self.synced().addCallbacks(self._send_stats, self._sync_failed)
+
+    def _send_stats(self, _: object) -> None:
         try:
             self.hub.broadcast(frame("stats", self.snapshot()))
         except Exception:
             log.failure("dashboard: building the stats event failed")
+
+    def _sync_failed(self, failure: Failure) -> None:
+        log.failure("dashboard: syncing with the other workers failed", failure)
+        self._send_stats(None)
 
     def _idle(self) -> None:
         """The last subscriber left: no timers while nobody looks."""

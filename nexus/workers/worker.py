@@ -141,7 +141,13 @@ class WorkerLink(amp.AMP):
         self.flush()
         d: Deferred[Any] = self.callRemote(Sync)
         d.addCallback(lambda answer: self._apply_reports(loads(answer["data"])))
+        d.addErrback(self._unsynced)
         return d
+
+    def _unsynced(self, failure: Failure) -> None:
+        # The supervisor is gone (this worker is stopping): answer with what it has.
+        log.warn("cannot sync with the supervisor: {why}; answering with this worker's numbers",
+                 why=failure.getErrorMessage())
 
     def _apply_reports(self, answer: dict[str, Any]) -> None:
         reports: list[dict[str, Any]] = answer["reports"]
@@ -288,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     link.gateway_service = service
     gateway.site.recorders += (link.record,)
     gateway.api.synced = link.sync
+    if gateway.dashboard is not None:
+        gateway.dashboard.live.synced = link.sync
     link.lost.addCallback(lambda _: reactor.stop() if reactor.running else None)
     factory = Factory.forProtocol(lambda: link)
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, factory)

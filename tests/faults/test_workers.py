@@ -6,6 +6,7 @@ connection per request (the harness's agent keeps none), so the kernel spreads t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -220,8 +221,8 @@ async def test_dashboard_events_and_pending_cover_every_worker(
 ) -> None:
     from tests.support import StreamedBody
 
-    gateway, backend = await start_two(
-        start_gateway, cleanup, stream_chunks=30, stream_delay_ms=50
+    gateway, backend = await start_two(  # streams of 4 s: past a dashboard tick (2 s)
+        start_gateway, cleanup, stream_chunks=80, stream_delay_ms=50
     )
     # Two event streams: with one socket per worker they may land on either; whichever
     # worker holds them, each sees every request, served by either worker.
@@ -250,8 +251,25 @@ async def test_dashboard_events_and_pending_cover_every_worker(
         assert (await gateway.metrics()).pending() == {"alpha": 10}
         stats = await gateway.get_json("/v1/stats")
         assert stats["backends"][0]["pending"] == 10
+    # ...and so do the dashboard's stats events (every 2 s), whichever worker sends them.
+    response = await gateway.agent.request(b"GET", (gateway.url + "/v1/events").encode())
+    live = StreamedBody()
+    response.deliverBody(live)
+
+    def ticked_pending() -> list[int]:
+        return [
+            json.loads(chunk.split(b"data: ", 1)[1])["backends"][0]["pending"]
+            for chunk in live.data.split(b"\n\n")
+            if chunk.startswith(b"event: stats")
+        ]
+
+    await wait_for(lambda: len(ticked_pending()) >= 2, timeout=5, what="a stats event tick")
+    assert ticked_pending()[1] == 10, ticked_pending()
     done = await gatherResults(flowing)
     assert [s.status for s in done] == [200] * 10
+    # No read in between: the ticks themselves take in the other worker's count, now 0.
+    await wait_for(lambda: ticked_pending()[-1] == 0, timeout=5, what="a tick with 0 pending")
+    live.leave()
     await gateway.assert_no_pending()
 
 
