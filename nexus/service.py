@@ -26,6 +26,7 @@ from nexus.config import (
     ConfigError,
     listen_warnings,
     load_config,
+    workers_setting,
 )
 from nexus.dashboard import Dashboard
 from nexus.discovery import DiscoveryService, checker
@@ -335,15 +336,6 @@ def _requests(n: int) -> str:
     return f"{n} request" if n == 1 else f"{n} requests"
 
 
-def worker_count_option(text: str) -> int | str:
-    """``--workers``: a positive integer or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    if text.strip().isdigit() and int(text) >= 1:
-        return int(text)
-    raise ValueError(f'expected a positive integer or "auto", got {text!r}')
-
-
 def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayService:
     """Build the gateway's service tree from ``twistd nexus`` options (nothing listens yet)."""
     if reactor is None:
@@ -360,7 +352,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> GatewayServi
         config = attrs.evolve(config, discovery=attrs.evolve(config.discovery, enabled=False))
     if options.get("workers"):
         try:
-            workers = worker_count_option(options["workers"])
+            workers = workers_setting(options["workers"])
         except ValueError as e:
             raise SystemExit(f"nexus: --workers: {e}") from None
         config = attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))

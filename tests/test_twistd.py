@@ -204,7 +204,7 @@ def test_workers_refuse_what_they_cannot_share_with_one_line(tmp_path: Path) -> 
     code, output = run_twistd(tmp_path, "--workers", "none")
     assert code != 0 and "Traceback" not in output, output
     assert output.strip().splitlines() == [
-        "nexus: --workers: expected a positive integer or \"auto\", got 'none'"
+        "nexus: --workers: must be a positive integer or \"auto\", got 'none'"
     ]
     with socket.socket() as busy:  # a busy port: the same line as one process gives
         busy.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from nexus.config.loader import (
     load_config,
     parse_config,
     read_keys_file,
+    workers_setting,
 )
 from nexus.config.reference import Section, Setting, render_toml, sections, settings
 from nexus.config.values import (
@@ -62,4 +63,5 @@ __all__ = [
     "render_toml",
     "sections",
     "settings",
+    "workers_setting",
 ]

@@ -339,6 +339,17 @@ class _WorkerCount:
         return 'a positive integer or "auto"'
 
 
+def workers_setting(value: int | str) -> int | str:
+    """``[server] workers`` given elsewhere (``--workers``), checked as the file's is.
+
+    ValueError with the same words as a bad value in the file or the environment.
+    """
+    try:
+        return _WorkerCount()(value)
+    except _Invalid as e:
+        raise ValueError(str(e)) from None
+
+
 @attrs.frozen
 class _GreaterThan:
     low: int

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import copyreg
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from nexus.registry import Backend, BackendRegistry
+from nexus.server import Recorder, record_to
 from nexus.tracking import RequestRecord
+
+if TYPE_CHECKING:
+    from nexus.service import Gateway
 
 #: Bytes per piece of a value that may be larger than AMP allows (65,535).
 PIECE_BYTES = 60_000
@@ -103,6 +109,47 @@ class RecordBatch:
             self._timer.cancel()
         self._timer = None
         self.waiting = []
+
+
+class RecordChannel(amp.AMP):
+    """One end of a worker's channel: records go out batched, others' come in.
+
+    ``recorders`` take the records another worker served (the metrics, the history, the
+    dashboard: its log line was written where it was served).
+    """
+
+    def __init__(self, clock: IReactorTime, recorders: Sequence[Recorder]) -> None:
+        super().__init__()
+        self.recorders = tuple(recorders)
+        #: Records on their way to the other end.
+        self.outgoing = RecordBatch(clock, self._write)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def apply_records(self, data: bytes) -> list[tuple[Any, ...]]:
+        """Record the records ``data`` carries; return their fields."""
+        batch: list[tuple[Any, ...]] = loads(data)
+        recorders = self.recorders
+        for fields in batch:
+            record_to(recorders, record_from(fields))
+        return batch
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.outgoing.cancel()
+
+
+def replica_recorders(gateway: Gateway) -> tuple[Recorder, ...]:
+    """What records another worker's request in ``gateway`` (all but the log line)."""
+    recorders: tuple[Recorder, ...] = (
+        gateway.collector.record_request,
+        gateway.request_log.remember,
+    )
+    if gateway.dashboard is not None:
+        recorders += (gateway.dashboard.record,)
+    return recorders
 
 
 def record_from(fields: tuple[Any, ...]) -> RequestRecord:

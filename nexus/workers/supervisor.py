@@ -40,7 +40,7 @@ from nexus.workers.channel import (
     BackendChanged,
     BackendRemoved,
     HealthCheck,
-    RecordBatch,
+    RecordChannel,
     Records,
     Reload,
     Report,
@@ -51,7 +51,7 @@ from nexus.workers.channel import (
     dumps,
     loads,
     pieces,
-    record_from,
+    replica_recorders,
 )
 from nexus.workers.worker import CHANNEL_FD, LISTEN_FD
 
@@ -79,13 +79,11 @@ def worker_count(workers: int | str) -> int:
 
 
 class Worker(ProcessProtocol):
-    """One worker process: its number, its channel, its log lines copied to the gateway's log."""
+    """One worker process: its number, its log lines copied to the gateway's log (--logfile)."""
 
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
-        self.channel: WorkerChannel | None = None
-        self.started = time.monotonic()
         self.pid: int | None = None
         #: It got the gateway's state and serves (a death before that delays its replacement).
         self.serving = False
@@ -118,19 +116,16 @@ class Worker(ProcessProtocol):
             pass  # already gone
 
 
-class WorkerChannel(amp.AMP):
-    """The supervisor's end of one worker's channel."""
+class WorkerChannel(RecordChannel):
+    """The supervisor's end of one worker's channel.
+
+    Its recorders are those of the supervisor's own copy of the gateway's numbers.
+    """
 
     def __init__(self, pool: WorkerPool, worker: Worker) -> None:
-        super().__init__()
+        super().__init__(pool.reactor, replica_recorders(pool.gateway))
         self.pool = pool
         self.worker = worker
-        #: Other workers' records on their way to this one.
-        self.outgoing = RecordBatch(pool.reactor, self._write)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
 
     @Records.responder
     def records(self, data: bytes) -> dict[str, Any]:
@@ -143,7 +138,6 @@ class WorkerChannel(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        self.outgoing.cancel()
         self.pool.channel_lost(self)
 
 
@@ -231,7 +225,6 @@ class WorkerPool(Service):
             theirs.close()
         self.workers[index] = worker
         channel = WorkerChannel(self, worker)
-        worker.channel = channel
         self.reactor.adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel)
         )
@@ -293,7 +286,6 @@ class WorkerPool(Service):
     def channel_lost(self, channel: WorkerChannel) -> None:
         if channel in self.channels:
             self.channels.remove(channel)
-        channel.worker.channel = None
 
     def _log_to_stdout(self) -> bool:
         """Whether the gateway logs to standard output: the workers then write to it too.
@@ -306,14 +298,10 @@ class WorkerPool(Service):
         return destination is None or destination.name == STANDARD_OUTPUT
 
     def write_log(self, data: bytes) -> None:
-        """Lines a worker logged (already formatted): into the gateway's log."""
+        """Lines a worker logged (already formatted) into the gateway's log file."""
         destination = self.log_destination()
-        text = data.decode("utf-8", "replace")
-        if destination is not None:
-            destination.write(text)
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        if destination is not None:  # else the workers write to standard output themselves
+            destination.write(data.decode("utf-8", "replace"))
 
     # -- state between the processes ----------------------------------------------------------
 
@@ -329,20 +317,13 @@ class WorkerPool(Service):
             self.broadcast(BackendChanged, data=dumps(backend_state(backend)))
 
     def forward_records(self, origin: WorkerChannel, data: bytes) -> None:
-        """A worker's finished records: to every other worker, and into this process's copy."""
-        batch = loads(data)
+        """A worker's finished records: into this process's copy, and to every other worker."""
+        batch = origin.apply_records(data)
         for channel in self.channels:
             if channel is not origin:
                 outgoing = channel.outgoing
                 for fields in batch:
                     outgoing.add(fields)
-        gateway = self.gateway
-        for fields in batch:
-            record = record_from(fields)
-            gateway.collector.record_request(record)
-            gateway.request_log.remember(record)
-            if gateway.dashboard is not None:
-                gateway.dashboard.record(record)
 
     def gather(self, asker: WorkerChannel) -> Deferred[dict[str, Any]]:
         """Every other worker's report, once their records are forwarded to ``asker``.

@@ -26,7 +26,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from nexus.tracking import RequestRecord
@@ -34,7 +33,7 @@ from nexus.workers.channel import (
     BackendChanged,
     BackendRemoved,
     HealthCheck,
-    RecordBatch,
+    RecordChannel,
     Records,
     Reload,
     Report,
@@ -45,7 +44,7 @@ from nexus.workers.channel import (
     dumps,
     loads,
     record_fields,
-    record_from,
+    replica_recorders,
 )
 
 if TYPE_CHECKING:
@@ -83,29 +82,20 @@ class AdoptedPort(Service):
         return port.stopListening()
 
 
-class WorkerLink(amp.AMP):
+class WorkerLink(RecordChannel):
     """The worker's end of its channel to the supervisor.
 
-    Ships this worker's finished records (a recorder, batched per reactor turn),
+    Ships this worker's finished records (a recorder, batched: ``SEND_DELAY``),
     applies everyone else's, applies backend states, and syncs before a read of
     the gateway's numbers so that it shows every request finished anywhere.
     """
 
     def __init__(self, gateway: Gateway, reactor: Any, on_start: Callable[[float], None]) -> None:
-        super().__init__()
+        super().__init__(reactor, replica_recorders(gateway))
         self.gateway = gateway
         self.reactor = reactor
         self.on_start = on_start
-        #: This worker's finished records, on their way to the supervisor.
-        self.outgoing = RecordBatch(reactor, self._write)
         self._snapshot: list[bytes] = []
-        #: Another worker's finished records go to these (no log line: it logged them).
-        self.replica_recorders: tuple[Callable[[RequestRecord], None], ...] = (
-            gateway.collector.record_request,
-            gateway.request_log.remember,
-        )
-        if gateway.dashboard is not None:
-            self.replica_recorders += (gateway.dashboard.record,)
         #: This process's own log drops and dashboard streams (the gateway's are summed).
         self.local_drops = gateway.collector.log_drops
         self.local_subscribers = gateway.collector.dashboard_subscribers
@@ -127,10 +117,6 @@ class WorkerLink(amp.AMP):
     def flush(self) -> None:
         """Send the records not sent yet."""
         self.outgoing.flush()
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
 
     # -- a read of the gateway's numbers ---------------------------------------------------
 
@@ -164,13 +150,7 @@ class WorkerLink(amp.AMP):
 
     @Records.responder
     def records(self, data: bytes) -> dict[str, Any]:
-        for fields in loads(data):
-            record = record_from(fields)
-            for recorder in self.replica_recorders:
-                try:
-                    recorder(record)
-                except Exception:
-                    log.failure("recording another worker's request failed")
+        self.apply_records(data)
         return {}
 
     @HealthCheck.responder
