@@ -77,10 +77,10 @@ class Backend:
     #: to and not checked, until the service returns or the backend is removed (mDNS).
     withdrawn: bool = False
 
-    #: Worker mode (contract section 12): the other workers' in-flight requests to this
-    #: backend and their latency averages, as of the last sync (``nexus.workers``).
     #: Successful model discoveries so far (a worker clears ``missing_endpoints`` on a new one).
     model_discoveries: int = 0
+    #: Worker mode (contract section 12): the other workers' in-flight requests to this
+    #: backend and their latency averages, as of the last sync (``nexus.workers``).
     pending_elsewhere: int = 0
     latency_elsewhere: tuple[float, ...] = ()
 
