@@ -23,13 +23,9 @@ Prints a markdown table and writes it, with the raw figures as JSON, to
 from __future__ import annotations
 
 import argparse
-import json
 import selectors
-import shutil
 import socket
 import statistics
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -40,10 +36,8 @@ from typing import Any
 from benchmarks._procs import (
     BenchError,
     Proc,
-    Processes,
     WrkResult,
     run_wrk,
-    terminate_on_sigterm,
 )
 from benchmarks.run import (
     DEFAULT,
@@ -51,10 +45,9 @@ from benchmarks.run import (
     QUICK,
     RESULTS,
     Suite,
-    ensure_wrk,
     gateway_toml,
     log,
-    prepare_process,
+    standalone,
 )
 
 #: Open event streams in the "20 dashboards" mode.
@@ -330,32 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else DEFAULT
     reps = max(1, args.reps if args.reps is not None else plan.reps)
-    try:
-        ensure_wrk()
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 2
-    cpus = prepare_process()
-    workdir = Path(tempfile.mkdtemp(prefix="nexus-bench-dashboard-"))
-    started = time.monotonic()
-    try:
-        with terminate_on_sigterm(), Processes(workdir) as procs:
-            suite = Suite(procs, plan, cpus, workdir, profiler="none")
-            r = run(suite, reps, plan.run_s, plan.warm_s)
-    except BenchError as e:
-        print(f"bench: {e} (logs in {workdir})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
-        return 130
-    shutil.rmtree(workdir, ignore_errors=True)
-    text = report(r, reps, plan.run_s) + f"\nTotal time: {time.monotonic() - started:.0f} s.\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    args.output.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
-    print(text)
-    log(f"report written to {args.output}")
-    return 0
+    return standalone(
+        "dashboard", plan, args.output,
+        lambda suite: run(suite, reps, plan.run_s, plan.warm_s),
+        lambda r: report(r, reps, plan.run_s),
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -30,11 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._procs import (
-    BenchError,
     Proc,
-    Processes,
     free_port,
-    terminate_on_sigterm,
     wait_until,
 )
 from benchmarks.run import (
@@ -46,12 +41,11 @@ from benchmarks.run import (
     RESULTS,
     Suite,
     clean_env,
-    ensure_wrk,
     gateway_toml,
     log,
     percentile,
-    prepare_process,
     run_wrk,
+    standalone,
     twistd,
 )
 
@@ -400,32 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else DEFAULT
     reps = max(1, args.reps if args.reps is not None else plan.reps + 1)
-    try:
-        ensure_wrk()
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 2
-    cpus = prepare_process()
-    workdir = Path(tempfile.mkdtemp(prefix="nexus-bench-workers-"))
-    started = time.monotonic()
-    try:
-        with terminate_on_sigterm(), Processes(workdir) as procs:
-            suite = Suite(procs, plan, cpus, workdir, profiler="none")
-            r = run(suite, reps, plan.run_s, plan.warm_s, 50 if args.quick else 200)
-    except BenchError as e:
-        print(f"bench: {e} (logs in {workdir})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
-        return 130
-    shutil.rmtree(workdir, ignore_errors=True)
-    text = report(r) + f"\nTotal time: {time.monotonic() - started:.0f} s.\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    args.output.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
-    print(text)
-    log(f"report written to {args.output}")
-    return 0
+    scrapes = 50 if args.quick else 200
+    return standalone(
+        "workers", plan, args.output,
+        lambda suite: run(suite, reps, plan.run_s, plan.warm_s, scrapes), report,
+    )
 
 
 if __name__ == "__main__":

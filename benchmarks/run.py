@@ -1490,6 +1490,46 @@ def prepare_process() -> Any:
     return cpus
 
 
+def standalone(
+    name: str,
+    plan: Plan,
+    output: Path,
+    measure: Callable[[Suite], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run one part of the suite on its own (``python -m benchmarks.bench_<name>``).
+
+    ``measure`` gets a suite of its own (its processes stopped at the end, on an error
+    or on Ctrl-C); ``render`` turns the figures into the report written to ``output``
+    (and the figures to ``output`` as JSON). Returns the exit status.
+    """
+    try:
+        ensure_wrk()
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    cpus = prepare_process()
+    workdir = Path(tempfile.mkdtemp(prefix=f"nexus-bench-{name}-"))
+    started = time.monotonic()
+    try:
+        with terminate_on_sigterm(), Processes(workdir) as procs:
+            r = measure(Suite(procs, plan, cpus, workdir, profiler="none"))
+    except BenchError as e:
+        print(f"bench: {e} (logs in {workdir})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
+        return 130
+    shutil.rmtree(workdir, ignore_errors=True)
+    text = render(r) + f"\nTotal time: {time.monotonic() - started:.0f} s.\n"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    output.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
+    print(text)
+    log(f"report written to {output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite and print the table."""
     parser = argparse.ArgumentParser(
