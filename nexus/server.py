@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -427,10 +427,15 @@ class NexusChannel(BadRequestChannel):
         if not self._refusing:
             super().rawDataReceived(data)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         super().connectionLost(reason)
+        self.site.channel_closed(self)
 
 
 class NexusSite(Site):
@@ -464,6 +469,34 @@ class NexusSite(Site):
         self.noisy = False
         #: The worker number in worker mode (contract section 12), else None.
         self.worker: int | None = None
+        #: Open client connections.
+        self.channels: set[NexusChannel] = set()
+        self._all_closed: list[Deferred[None]] = []
+
+    def channel_closed(self, channel: NexusChannel) -> None:
+        """A client connection is gone."""
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                if not d.called:  # not cancelled
+                    d.callback(None)
+
+    def close_connections(self) -> Deferred[None]:
+        """Close every client connection once what was written to it is sent.
+
+        The gateway stops after its requests are over; without this, the
+        reactor's shutdown would drop the last bytes still in a socket's
+        buffer (the end of the last streams). Fires when all are closed.
+        """
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+        return d
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -39,7 +39,7 @@ from nexus.registry import HEALTHY, BackendRegistry
 from nexus.reload import Reload
 from nexus.requestlog import RequestLog
 from nexus.routing import Router, unserved_targets
-from nexus.server import NexusSite
+from nexus.server import LINGER_SECONDS, NexusSite
 from nexus.testing import MockBackend, MockSettings, listen_mock
 from nexus.upstream import UpstreamClient
 from nexus.workers.supervisor import WorkerPool, listen_problem, worker_count
@@ -320,6 +320,15 @@ class GatewayService(MultiService):
                 )
             else:
                 timer.cancel()
+        # What the last answers wrote must reach their clients before the reactor stops.
+        closed = self.gateway.site.close_connections()
+        timer = self.reactor.callLater(LINGER_SECONDS, closed.cancel)
+        try:
+            await closed
+        except CancelledError:
+            pass  # a client that reads nothing more must not hold the stop up
+        else:
+            timer.cancel()
         for child in reversed(list(self)):
             if child.running:
                 await maybeDeferred(child.stopService)
