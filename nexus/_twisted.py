@@ -4,12 +4,9 @@ Each adaptation names what it depends on; ``tests/test_twisted_adaptations.py``
 pins every one of them, so a Twisted upgrade that changes one fails a test
 here instead of misbehaving in production.
 
-- ``QuietPool``: ``HTTPConnectionPool._factory`` and ``_putConnection`` (no
-  log line per connection; never pool a connection that is closing), and
-  ``_HTTP11ClientFactory._quiescentCallback`` (to build our client protocol).
-- ``ClientProtocol``: ``HTTP11ClientProtocol._parser.connHeaders`` (the
-  backend's ``Connection`` header, which Twisted keeps out of
-  ``response.headers``).
+- ``QuietPool`` (the health poller's pool): ``HTTPConnectionPool._factory``
+  and ``_putConnection`` (no log line per connection; never pool a connection
+  that is closing).
 - ``BadRequestChannel``: ``HTTPChannel._respondToBadRequestAndDisconnect``
   (the hook Twisted calls for a malformed request) and ``HTTPChannel._path``
   (the path of a request whose body has not arrived yet).
@@ -17,60 +14,16 @@ here instead of misbehaving in production.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
-from twisted.web.iweb import IResponse
-
-
-def connection_header_names(response: IResponse) -> frozenset[bytes]:
-    """The header names a backend listed in its ``Connection`` header (lower case).
-
-    They are hop-by-hop for this one connection (RFC 9110 section 7.6.1) and
-    must not be relayed. Empty for a response that did not come through
-    ``ClientProtocol``.
-    """
-    return getattr(response, "nexus_connection_names", frozenset())
-
-
-def _names(values: Sequence[bytes]) -> frozenset[bytes]:
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
-    )
-
-
-class ClientProtocol(HTTP11ClientProtocol):
-    """Twisted's HTTP/1.1 client protocol, keeping the backend's ``Connection`` header.
-
-    Twisted parses ``Connection`` into the parser's ``connHeaders`` and never
-    shows it on the response; the names it lists are kept on the response as
-    ``nexus_connection_names`` (read with ``connection_header_names``).
-    """
-
-    def request(self, request: Any) -> Deferred[Any]:
-        d: Deferred[Any] = super().request(request)
-        return d.addCallback(self._keep_connection_names)
-
-    def _keep_connection_names(self, response: Any) -> Any:
-        parser = self._parser
-        if parser is not None:
-            values = parser.connHeaders.getRawHeaders(b"connection")
-            if values:
-                response.nexus_connection_names = _names(values)
-        return response
 
 
 class _ClientFactory(_HTTP11ClientFactory):
-    """Twisted's per-connection client factory: our protocol, no log line per connection."""
+    """Twisted's per-connection client factory, without a log line per connection."""
 
     noisy = False
-
-    def buildProtocol(self, addr: Any) -> ClientProtocol:
-        return ClientProtocol(self._quiescentCallback)
 
 
 class QuietPool(HTTPConnectionPool):

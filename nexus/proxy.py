@@ -21,13 +21,10 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from nexus import sse
-from nexus._twisted import connection_header_names
 from nexus.config import BackendConfig
 from nexus.endpoints import MISSING_ENDPOINT, Endpoint
 from nexus.errors import (
@@ -37,13 +34,13 @@ from nexus.errors import (
     PayloadTooLarge,
     UpstreamParseError,
 )
+from nexus.http_client import RequestHead, Response
 from nexus.registry import Backend
 from nexus.routing import RouteDecision, Router
 from nexus.server import Exchange, Outcome, Reply, Stream
 from nexus.tracking import RequestRecord
 from nexus.upstream import (
     HOP_BY_HOP,
-    BytesProducer,
     Deadline,
     UpstreamClient,
     UpstreamTimeout,
@@ -247,34 +244,29 @@ class StreamRelay(Protocol):
 
 @attrs.frozen
 class _Target:
-    """What every request to one backend shares: its URL, base headers and id.
+    """What every request to one backend endpoint shares: its request head and id header.
 
-    ``headers`` is never mutated (a request that adds the client's
-    ``Authorization`` copies it); it carries ``Host`` so the Agent does not
-    copy and recompute it on every request. The backend's bearer header, when
-    it has its own key, is built here once.
+    The backend's bearer header, when it has its own key, is in the head.
     """
 
-    url: bytes
-    headers: Headers
-    own_key: bool
+    head: RequestHead
     backend_header: tuple[bytes, Sequence[bytes]]
 
     @classmethod
     def for_backend(
-        cls, backend: Backend, endpoint: Endpoint, environ: Mapping[str, str]
+        cls,
+        backend: Backend,
+        endpoint: Endpoint,
+        upstream: UpstreamClient,
+        environ: Mapping[str, str],
     ) -> _Target:
         url = backend.config.url.encode("ascii") + endpoint.path
-        parsed = URI.fromBytes(url)
-        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
-        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
-            host += b":%d" % parsed.port
-        headers = Headers({b"content-type": [_JSON], b"host": [host]})
+        headers = [(b"Content-Type", _JSON)]
         authorization = backend_authorization(backend.config, environ)
         if authorization is not None:
-            headers.setRawHeaders(b"authorization", [authorization])
+            headers.append((b"Authorization", authorization))
         backend_header = (b"x-nexus-backend", [backend.name.encode("utf-8")])
-        return cls(url, headers, authorization is not None, backend_header)
+        return cls(upstream.request_head(url, headers), backend_header)
 
 
 class _Lease:
@@ -324,7 +316,8 @@ class InferenceProxy:
         #: Keep the start of the last user message on the record (``[logging] content_preview``).
         self.content_preview = content_preview
         self.router = router
-        self.agent = upstream.agent
+        self.upstream = upstream
+        self.connections = upstream.connections
         self.clock = clock
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
@@ -344,18 +337,9 @@ class InferenceProxy:
         # A backend removed and added again under its id (mDNS) may have another url.
         if cached is not None and cached[0] is backend.config:
             return cached[1]
-        target = _Target.for_backend(backend, endpoint, self.environ)
+        target = _Target.for_backend(backend, endpoint, self.upstream, self.environ)
         self._targets[key] = (backend.config, target)
         return target
-
-    @staticmethod
-    def _headers(target: _Target, call: _Call) -> Headers:
-        """The target's base headers plus this request's id (and the client's key)."""
-        headers = target.headers.copy()
-        headers.setRawHeaders(b"x-request-id", [call.request_id])
-        if call.authorization and not target.own_key:
-            headers.setRawHeaders(b"authorization", call.authorization)
-        return headers
 
     async def handle(self, exchange: Exchange, endpoint: Endpoint) -> Outcome:
         """Answer one request to ``endpoint``; a failure before any answer is a GatewayError."""
@@ -473,11 +457,11 @@ class InferenceProxy:
         can_skip: bool,
     ) -> Outcome:
         target = self._target(backend, call.endpoint)
+        head = target.head
         try:
-            response: IResponse = await timer.watch(
-                self.agent.request(
-                    b"POST", target.url, self._headers(target, call),
-                    BytesProducer(call.body),
+            response: Response = await timer.watch(
+                self.connections.request(
+                    head.origin, head.build(call.body, call.request_id, call.authorization)
                 )
             )
         except UpstreamTimeout:
@@ -563,18 +547,18 @@ _SSE_HEADERS: tuple[tuple[bytes, Sequence[bytes]], ...] = (
 
 
 def _relayed_headers(
-    response: IResponse, target: _Target, record: RequestRecord
+    response: Response, target: _Target, record: RequestRecord
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """The backend's response headers a client gets, plus the gateway's own.
 
     Hop-by-hop headers are dropped: the standard set and every name the
     backend listed in its ``Connection`` header.
     """
-    skip = _NOT_COPIED | connection_header_names(response)
+    skip = response.connection_names
     headers: list[tuple[bytes, Sequence[bytes]]] = [
         (name, values)
-        for name, values in response.headers.getAllRawHeaders()
-        if name.lower() not in skip
+        for name, values in response.headers.items()
+        if name not in _NOT_COPIED and name not in skip
     ]
     headers.append(target.backend_header)
     if record.route_reason:
@@ -622,9 +606,9 @@ def prompt_preview(payload: Mapping[str, Any], size: int = 100) -> str | None:
     return None
 
 
-def _is_json(response: IResponse) -> bool:
-    types = response.headers.getRawHeaders(b"content-type") or [b""]
-    return types[0].split(b";")[0].strip().lower() == _JSON
+def _is_json(response: Response) -> bool:
+    content_type = response.header(b"content-type") or b""
+    return content_type.split(b";")[0].strip().lower() == _JSON
 
 
 def _count(value: object) -> int | None:

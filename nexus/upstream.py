@@ -1,16 +1,16 @@
-"""The gateway's HTTP client side: one connection pool, one Agent, cheap request bodies.
+"""The gateway's HTTP client side: the hot path's connections, and treq for the rest.
 
-The proxy hot path talks to ``twisted.web.client.Agent`` directly: treq's
-per-request URL parsing, cookie jar, redirect and decompression layers cost
-about a third of the throughput (shared/perf-notes.md) and do nothing a
-gateway needs. treq stays the client for everything else (health probes), on
-the same pool.
+Inference requests go through ``nexus.http_client`` (a request head built
+once per backend endpoint, one write per request, our own response parser):
+Twisted's ``Agent`` under them cost about a quarter of the gateway's CPU per
+request. treq, on Twisted's pool, stays the client of the health poller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from typing import Protocol as Protocol_
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -32,11 +32,12 @@ from twisted.web.client import (
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from nexus._twisted import QuietPool
 from nexus.config import BackendConfig
+from nexus.http_client import BackendConnections, RequestHead
 
 #: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
 #: connections under any concurrency.
@@ -128,26 +129,43 @@ def backend_authorization(config: BackendConfig, environ: Mapping[str, str]) -> 
 
 
 class UpstreamClient(Service):
-    """Owns the shared connection pool and the clients built on it.
+    """Owns the connections to the backends and the clients built on them.
 
-    ``agent`` serves the proxy hot path, ``http`` (a treq ``HTTPClient``) the
-    health poller. Stopping the service closes every cached connection.
+    ``connections`` serves the proxy hot path (requests built by
+    ``request_head``), ``http`` (a treq ``HTTPClient`` on Twisted's pool) the
+    health poller. Stopping the service closes every idle connection.
     """
 
     name = "upstream"
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
         self.reactor = reactor
+        self.endpoints = CachedEndpoints(reactor, connect_timeout)
+        self.connections = BackendConnections(reactor)
         self.pool = QuietPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.retryAutomatically = False
-        self.agent = Agent.usingEndpointFactory(
-            reactor, CachedEndpoints(reactor, connect_timeout), pool=self.pool
+        self.http = HTTPClient(Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool))
+
+    def request_head(
+        self, url: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> RequestHead:
+        """The fixed part of every ``POST`` to ``url`` (an http or https URL) with ``headers``."""
+        parsed = URI.fromBytes(url)
+        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
+            host += b":%d" % parsed.port
+        origin = self.connections.origin(
+            (parsed.scheme, parsed.host, parsed.port),
+            host.decode("ascii"),
+            host,
+            self.endpoints.endpointForURI(parsed),
         )
-        self.http = HTTPClient(self.agent)
+        return RequestHead(origin, parsed.originForm, headers)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self.connections.close()
         return self.pool.closeCachedConnections()
 
 
@@ -182,9 +200,19 @@ class _BodyCollector(Protocol):
             self.finished.errback(reason)
 
 
-def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
+class HasBody(Protocol_):
+    """A response whose body can be delivered: ours (``http_client.Response``) or Twisted's."""
+
+    @property
+    def length(self) -> int | object: ...
+
+    def deliverBody(self, protocol: IProtocol) -> None: ...
+
+
+def read_body(response: HasBody, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
     """Read a whole response body, at most ``limit`` bytes; cancelling aborts it."""
-    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+    length = response.length
+    if isinstance(length, int) and length > limit:
         response.deliverBody(_Discard())
         return fail(BodyTooLarge(f"response declares {response.length} bytes"))
     protocol: _BodyCollector
@@ -207,7 +235,7 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
-def discard_body(response: IResponse) -> None:
+def discard_body(response: HasBody) -> None:
     """Throw away an unwanted response body, closing its connection."""
     protocol: IProtocol = _Discard()
     response.deliverBody(protocol)
