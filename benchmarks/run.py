@@ -444,11 +444,29 @@ class Suite:
             }
         log("micro-benchmarks: routing ...")
         self.r["routing"] = bench_routing.run()
+        log("micro-benchmarks: the request path in process ...")
+        self.r["path"] = {
+            kind: self.request_path(kind == "stream") for kind in ("chat", "stream")
+        }
         log("micro-benchmarks: request log (build and write one event) ...")
         if self.plan.micro_full:
             self.r["request_log"] = bench_requestlog.run()
         else:
             self.r["request_log"] = bench_requestlog.run(calls=5_000)
+
+    def request_path(self, stream: bool) -> dict[str, Any]:
+        """benchmarks/bench_path.py on the gateway CPU, in its own process (it sets up logging)."""
+        argv = pinned(
+            self.cpus.gateway,
+            [sys.executable, "-m", "benchmarks.bench_path", *(["--stream"] if stream else [])],
+        )
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False
+        )
+        if done.returncode != 0:
+            raise BenchError(f"bench_path failed:\n{done.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
 
     def non_streaming(self, gw: Proc, gw_port: int) -> None:
         """wrk at c1/c16/c64, direct and through Nexus, interleaved, repeated."""
@@ -1407,6 +1425,18 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
         "",
         ", ".join(f"{k} {_f(v)}" for k, v in rt.items()),
     )
+
+    area = "request path (in-process)"
+    path = r.get("path", {})
+    for kind, what in (("chat", "a chat completion"), ("stream", "a 50-event stream")):
+        figures = path.get(kind, {})
+        row(
+            area,
+            f"gateway CPU per request without sockets, {what}: least / median of 20 rounds (µs)",
+            "",
+            f"{_f(figures.get('us_per_request', float('nan')), 0)} / "
+            f"{_f(figures.get('median_us', float('nan')), 0)}",
+        )
 
     lines.append("")
     notes = list(notes)

@@ -7,6 +7,9 @@ here instead of misbehaving in production.
 - ``QuietPool`` (the health poller's pool): ``HTTPConnectionPool._factory``
   and ``_putConnection`` (no log line per connection; never pool a connection
   that is closing).
+- ``header_name``: ``twisted.web.http_headers._nameEncoder`` (Twisted's
+  Header-Case for a name, with its bounded cache), so an answer written in one
+  piece (``NexusRequest.send_whole``) names headers as Twisted would.
 - ``BadRequestChannel``: ``HTTPChannel._respondToBadRequestAndDisconnect``
   (the hook Twisted calls for a malformed request) and ``HTTPChannel._path``
   (the path of a request whose body has not arrived yet).
@@ -18,6 +21,15 @@ from typing import Any
 
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import _nameEncoder
+
+
+def header_name(name: bytes) -> bytes:
+    """``name`` as Twisted writes it in a response: ``content-type`` -> ``Content-Type``.
+
+    Raises ``InvalidHeaderName`` for a name that is not an HTTP token.
+    """
+    return _nameEncoder.encode(name)
 
 
 class _ClientFactory(_HTTP11ClientFactory):

@@ -50,6 +50,11 @@ IDLE_SECONDS = 120.0
 #: A chunk size: hex digits only (no sign, no 0x; RFC 9112 section 7.1), at most 2**64 - 1.
 _HEX_SIZE = re.compile(rb"[0-9a-fA-F]{1,16}")
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+#: Header names (RFC 9110 section 5.1: no spaces, no control characters), one per line.
+_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+
 _DONE = Failure(ResponseDone("Response body fully received"))
 _DATA_LOSS = Failure(PotentialDataLoss())
 
@@ -156,6 +161,19 @@ class Response:
         values = self.headers.get(name)
         return values[0] if values else None
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has already arrived, ended as framed, and is not taken; else None.
+
+        Most answers arrive in one read with their head: taking the body here
+        costs no protocol and no Deferred.
+        """
+        ended = self._ended
+        if self._protocol is not None or ended is None or ended is not _DONE:
+            return None
+        self._protocol = _TAKEN
+        body, self._body = self._body, []
+        return body[0] if len(body) == 1 else b"".join(body)
+
     def deliverBody(self, protocol: IProtocol) -> None:
         """Give the body to ``protocol``: what arrived so far, the rest as it comes, the end."""
         if self._protocol is not None:
@@ -180,6 +198,13 @@ class Response:
         self._ended = reason
         if self._protocol is not None:
             self._protocol.connectionLost(reason)
+
+
+class _Taken(Protocol):
+    """Stands for the body's protocol once ``complete_body`` took the body."""
+
+
+_TAKEN = _Taken()
 
 
 class _BodyTransport:
@@ -311,17 +336,22 @@ class BackendConnection(Protocol):
         self._buffer = b""
         self._response = response
         self.state = _BODY
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(response)
-        if self.state != _BODY:
-            return  # the body protocol stopped it already
+        # The body bytes of this read first: an answer that came whole is whole when the
+        # caller sees it (``Response.complete_body``), and its connection is back in the pool.
         if self._framing == _NONE:
             self._body_done(buffer)
         elif buffer:
             self._body_data(buffer)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(response)
 
     def _parse_head(self, head: bytes) -> Response | None:
+        crs = head.count(b"\r")
+        if crs and crs != head.count(b"\n"):
+            # A CR that does not end a line: a space (RFC 9112 section 2.2), so that no
+            # value the gateway relays can end a header line early.
+            head = _LONE_CR.sub(b" ", head)
         lines = head.split(b"\n")
         status = lines[0].rstrip(b"\r").split(b" ", 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or len(status[1]) != 3:
@@ -336,18 +366,7 @@ class BackendConnection(Protocol):
             if code == 101:
                 raise MalformedResponse("unexpected protocol switch")
             return None
-        headers: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-                raise MalformedResponse("bad header line")
-            value = value.strip(b" \t\r")
-            name = name.lower()
-            values = headers.get(name)
-            if values is None:
-                headers[name] = [value]
-            else:
-                values.append(value)
+        headers = _header_fields(lines)
         connection = _tokens(headers.pop(b"connection", None))
         keep_alive = status[0] == b"HTTP/1.1" and b"close" not in connection
         length: int | object = UNKNOWN_LENGTH
@@ -505,6 +524,32 @@ class BackendConnection(Protocol):
                 response.body_ended(_DATA_LOSS)
             else:
                 response.body_ended(Failure(ResponseFailed([reason])))
+
+
+def _header_fields(lines: list[bytes]) -> dict[bytes, list[bytes]]:
+    """The header fields of a head's ``lines`` (the status line first): lower-case names.
+
+    Whole-head operations where they can be (one match checks every name, one
+    ``lower`` for all): per line, Python's own work is what a request pays for.
+    """
+    names: list[bytes] = []
+    values: list[bytes] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise MalformedResponse("bad header line")
+        names.append(name)
+        values.append(value.strip(b" \t\r"))
+    joined = b"\n".join(names)
+    if names and _TOKENS.fullmatch(joined) is None:
+        raise MalformedResponse("bad header name")
+    lowered = joined.lower().split(b"\n") if names else []
+    headers = {name: [value] for name, value in zip(lowered, values, strict=True)}
+    if len(headers) < len(lowered):  # a repeated name: every value, in order
+        headers = {}
+        for name, value in zip(lowered, values, strict=True):
+            headers.setdefault(name, []).append(value)
+    return headers
 
 
 def _split_head(buffer: bytes) -> tuple[bytes | None, bytes]:

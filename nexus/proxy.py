@@ -496,8 +496,10 @@ class InferenceProxy:
             relay.done.addBoth(lease.release)  # the backend is busy until the relay is over
             headers = [*_relayed_headers(response, target, record), *_SSE_HEADERS]
             return Stream(200, headers, relay)
+        data = response.complete_body()
         try:
-            data = await timer.watch(read_body(response))
+            if data is None:
+                data = await timer.watch(read_body(response))
         except UpstreamTimeout:
             raise _AttemptFailed(
                 GatewayTimeout(f"Backend '{backend.name}' did not finish its answer in time.")

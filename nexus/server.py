@@ -26,9 +26,10 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request, Site
 
-from nexus._twisted import BadRequestChannel
+from nexus._twisted import BadRequestChannel, header_name
 from nexus.config import ServerConfig
 from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
@@ -199,17 +200,14 @@ class Exchange:
                 outcome.body.stop()
             return
         request = self.request
-        request.responseHeaders.setRawHeaders(b"x-request-id", [self.record.request_id.encode()])
+        request_id = (b"x-request-id", [self.record.request_id.encode()])
         if isinstance(outcome, Reply):
             if outcome.error_type is not None:
                 self.record.error_type = outcome.error_type
                 self.record.error_message = outcome.error_message
-            request.setResponseCode(outcome.status)
-            _apply(request, outcome.headers)
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(outcome.body)])
-            request.write(outcome.body)
-            request.finish()
+            request.send_whole(outcome.status, [request_id, *outcome.headers], outcome.body)
             return
+        request.responseHeaders.setRawHeaders(*request_id)
         request.setResponseCode(outcome.status)
         _apply(request, outcome.headers)
         try:
@@ -260,6 +258,16 @@ def _host(request: Request) -> str | None:
     return getattr(address, "host", None)
 
 
+#: The names the gateway writes on most answers, in Header-Case (no encoder call each time).
+_HEADER_NAMES = {
+    name: header_name(name)
+    for name in (
+        b"x-request-id", b"content-type", b"x-nexus-backend", b"x-nexus-route-reason",
+        b"x-nexus-fallback-model", b"cache-control", b"retry-after", b"www-authenticate",
+    )
+}
+
+
 def _apply(request: Request, headers: RawHeaders) -> None:
     set_header = request.responseHeaders.setRawHeaders
     for name, values in headers:
@@ -292,14 +300,64 @@ class NexusRequest(Request):
     _received = 0
     #: Set by ``begin_exchange`` for an inference request.
     exchange: Exchange | None = None
+    #: Armed only for a request still incomplete after a read (``watch_read``).
+    _read_deadline: IDelayedCall | None = None
+    #: Headers and body are in (the read deadline no longer applies).
+    _read_done = False
 
     def __init__(self, channel: NexusChannel, *args: Any, **kwargs: Any) -> None:
         # The gateway never reads form posts: skip Twisted's Content-Type parsing of every POST.
         super().__init__(channel, *args, parsePOSTFormSubmission=False, **kwargs)
-        self.nexus_site = channel.site
-        self._read_deadline: IDelayedCall = self.nexus_site.reactor.callLater(
-            self.nexus_site.request_timeout, self._too_slow
-        )
+        self.nexus_site = site = channel.site
+        self._read_started = site.reactor.seconds()
+
+    def watch_read(self) -> None:
+        """Start the read deadline of a request a read left incomplete (once).
+
+        Most requests arrive whole in one read: a timer for each would be set
+        and cancelled in the same turn of the reactor, for nothing.
+        """
+        if self._read_done or self._rejected or self._read_deadline is not None:
+            return
+        site = self.nexus_site
+        left = self._read_started + site.request_timeout - site.reactor.seconds()
+        self._read_deadline = site.reactor.callLater(max(left, 0.0), self._too_slow)
+
+    def send_whole(self, status: int, headers: RawHeaders, body: bytes) -> None:
+        """Write a whole answer in one piece (status line, headers, body), then finish.
+
+        What ``setResponseCode``, ``setRawHeaders``, ``write`` and ``finish``
+        would send, without a header object per name and a write of thirty
+        small pieces: an answer already in memory is most of the gateway's
+        traffic. ``headers`` come after the ones Twisted set (``Date``, and
+        ``Connection: close`` when the connection ends), a name replacing
+        an earlier one; values with CR or LF have them as spaces.
+        """
+        channel = self.channel
+        if channel is None or self.startedWriting or self.finished:
+            return  # the client is gone (the record says 499), or this is a bug: never twice
+        self.setResponseCode(status)
+        lines: dict[bytes, Sequence[bytes]] = dict(self.responseHeaders.getAllRawHeaders())
+        names = _HEADER_NAMES
+        for name, values in headers:
+            lines[names.get(name) or header_name(name)] = values
+        bodiless = status in NO_BODY_CODES or self.method == b"HEAD"
+        default_type = self.defaultContentType
+        if b"Content-Type" not in lines and body and not bodiless and default_type is not None:
+            lines[b"Content-Type"] = [default_type]
+        if status != 204:  # RFC 9110 section 8.6: never on a 204
+            lines[b"Content-Length"] = [b"%d" % len(body)]
+        parts = [b"%s %d %s\r\n" % (self.clientproto, status, self.code_message)]
+        for name, values in lines.items():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if not bodiless:
+            parts.append(body)
+            self.sentLength = len(body)
+        self.startedWriting = 1
+        channel.write(b"".join(parts))
+        self.finish()
 
     def begin_exchange(self) -> Exchange:
         """Start the exchange of this inference request (its record starts now)."""
@@ -327,6 +385,7 @@ class NexusRequest(Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._read_done = True
         self._cancel_read_deadline()
         if self._rejected:
             return
@@ -346,8 +405,9 @@ class NexusRequest(Request):
             exchange.lost()
 
     def _cancel_read_deadline(self) -> None:
-        if self._read_deadline.active():
-            self._read_deadline.cancel()
+        deadline = self._read_deadline
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def _reject_too_large(self) -> None:
         limit = self.nexus_site.max_body_bytes
@@ -418,6 +478,9 @@ class NexusChannel(BadRequestChannel):
     def dataReceived(self, data: bytes) -> None:
         if not self._refusing:
             super().dataReceived(data)
+            requests = self.requests
+            if requests:  # the request being read, when this read did not complete it
+                requests[-1].watch_read()
 
     def lineReceived(self, line: bytes) -> None:
         if not self._refusing:

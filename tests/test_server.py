@@ -103,6 +103,43 @@ def test_a_reply_is_written_and_recorded_once() -> None:
     assert len(served.records) == 1
 
 
+def test_a_reply_goes_out_in_one_write_with_twisted_s_header_names() -> None:
+    async def handler(exchange: Exchange) -> Reply:
+        return Reply(200, b"{}", [
+            (b"content-type", [b"application/json"]),
+            (b"x-backend-thing", [b"one", b"two"]),
+            (b"date", [b"from the backend"]),  # replaces Twisted's own
+        ])
+
+    served = Served(handler)
+    writes: list[bytes] = []
+    write = served.transport.write
+    served.transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    served.post(extra=b"X-Request-Id: abc\r\n")
+    assert len(writes) == 1  # status line, headers and body together
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK" and body == b"{}"
+    assert b"X-Request-Id: abc" in lines and b"Content-Type: application/json" in lines
+    assert b"X-Backend-Thing: one" in lines and b"X-Backend-Thing: two" in lines
+    assert [line for line in lines if line.startswith(b"Date:")] == [b"Date: from the backend"]
+    assert b"Content-Length: 2" in lines and not any(b"Connection" in x for x in lines)
+    assert served.records[0].status == 200
+
+
+def test_a_reply_to_an_http_1_0_client_closes_and_a_204_has_no_body() -> None:
+    async def handler(exchange: Exchange) -> Reply:
+        return Reply(204, b"ignored")
+
+    served = Served(handler)
+    served.send(b"POST %s HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}" % PATH)
+    data = served.transport.value()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 204 No Content") and body == b""
+    assert b"Content-Length" not in head
+    assert served.transport.disconnecting  # HTTP/1.0: not kept alive
+
+
 def test_errors_become_the_contract_s_json_errors() -> None:
     async def refuse(exchange: Exchange) -> Reply:
         raise Unauthorized("no key")
