@@ -477,6 +477,9 @@ class NexusChannel(BadRequestChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refusing:
+            site = self.site
+            if self.whole_request(data, site.inference_paths, site.max_body_bytes):
+                return
             super().dataReceived(data)
             requests = self.requests
             if requests:  # the request being read, when this read did not complete it

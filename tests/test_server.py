@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer
@@ -262,3 +263,113 @@ def test_a_slow_client_gets_408_and_a_malformed_request_400() -> None:
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
+
+
+# -- whole requests: taken in one step, or left to Twisted's parser --------------------------------
+
+_WHOLE = (
+    b"POST %s HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    b"X-Request-Id: same-id\r\nAuthorization: Bearer k\r\nContent-Length: 14\r\n\r\n"
+    b'{"model": "m"}' % PATH
+)
+
+
+def _echo_handler(seen: list[Exchange]) -> Handler:
+    async def handler(exchange: Exchange) -> Reply:
+        seen.append(exchange)
+        return Reply(200, exchange.body, [(b"content-type", [b"application/json"])])
+
+    return handler
+
+
+def _counting_lines(served: Served) -> list[bytes]:
+    """The lines Twisted's own parser reads on ``served``'s channel."""
+    lines: list[bytes] = []
+    channel = served.channel
+    original = channel.lineReceived
+
+    def counted(line: bytes) -> None:
+        lines.append(line)
+        original(line)
+
+    channel.lineReceived = counted  # type: ignore[method-assign]
+    return lines
+
+
+def _without_date(data: bytes) -> bytes:
+    return b"\r\n".join(x for x in data.split(b"\r\n") if not x.startswith(b"Date: "))
+
+
+def test_a_whole_request_skips_the_line_parser_and_is_served_like_one_read_line_by_line() -> None:
+    answers = []
+    for pieces in ([_WHOLE], [bytes([b]) for b in _WHOLE]):  # one read; one byte per read
+        seen: list[Exchange] = []
+        served = Served(_echo_handler(seen))
+        lines = _counting_lines(served)
+        for piece in pieces:
+            served.send(piece)
+        assert (len(lines) == 0) == (len(pieces) == 1)  # whole: no line went through Twisted
+        [exchange] = seen
+        request = exchange.request
+        assert served.response()[2] == b'{"model": "m"}'  # the body the handler read, echoed
+        assert exchange.authorization == [b"Bearer k"]
+        assert request.method == b"POST" and request.path == PATH and request.args == {}
+        assert request.requestHeaders.getRawHeaders(b"host") == [b"gateway"]
+        assert served.records[0].request_id == "same-id" and served.records[0].status == 200
+        answers.append(_without_date(served.transport.value()))
+        served.transport.clear()
+        served.send(_WHOLE)  # the connection is kept alive and serves the next one
+        assert b" 200 OK" in served.transport.value() and len(seen) == 2
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _WHOLE[:-3],  # not all there yet
+        _WHOLE + _WHOLE,  # a second request behind it
+        _WHOLE.replace(b"Content-Length: 14", b"Transfer-Encoding: chunked").replace(
+            b'{"model": "m"}', b'e\r\n{"model": "m"}\r\n0\r\n\r\n'
+        ),
+        _WHOLE.replace(b"Host: gateway", b"Expect: 100-continue"),
+        _WHOLE.replace(b"Host: gateway", b"Connection: close"),
+        _WHOLE.replace(b"Host: gateway", b"Cookie: a=b"),
+        _WHOLE.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        _WHOLE.replace(b"\r\nHost", b"\nHost"),  # a bare LF
+        _WHOLE.replace(b"Host: gateway", b"Content-Length: 14"),  # twice
+        _WHOLE.replace(b"POST /v1/chat/completions", b"POST /v1/chat/completions?x=1"),
+        _WHOLE.replace(b"Host: gateway", b"Bad Name: x"),
+    ],
+    ids=[
+        "partial", "pipelined", "chunked", "expect", "connection", "cookie", "http-1.0",
+        "bare-lf", "two-lengths", "query", "bad-name",
+    ],
+)
+def test_anything_but_a_plain_whole_request_is_left_to_twisted(data: bytes) -> None:
+    seen: list[Exchange] = []
+    served = Served(_echo_handler(seen))
+    lines = _counting_lines(served)
+    served.send(data)
+    assert lines  # Twisted's parser read it
+    if data == _WHOLE + _WHOLE:
+        assert len(seen) == 2 and served.transport.value().count(b" 200 OK") == 2
+
+
+def test_left_to_twisted_requests_keep_their_meaning() -> None:
+    seen: list[Exchange] = []
+    served = Served(_echo_handler(seen))
+    served.send(_WHOLE.replace(b"Host: gateway", b"Expect: 100-continue"))
+    assert served.transport.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    served = Served(_echo_handler(seen))
+    served.send(_WHOLE.replace(b"Host: gateway", b"Connection: close"))
+    assert b"Connection: close" in served.transport.value() and served.transport.disconnecting
+    served = Served(_echo_handler(seen))
+    served.send(_WHOLE.replace(b"Host: gateway", b"Content-Length: 14"))
+    assert served.response()[0] == b"HTTP/1.1 400 Bad Request"  # Twisted refuses two lengths
+
+
+def test_a_whole_request_over_the_body_limit_is_refused_as_before() -> None:
+    served = Served(_never, max_body_bytes=10)
+    served.send(_WHOLE)
+    assert served.response()[0] == b"HTTP/1.1 413 Payload Too Large"
+    assert [(r.status, r.error_type) for r in served.records] == [(413, "invalid_request")]

@@ -77,3 +77,58 @@ def test_pending_path_is_known_before_the_body_arrives() -> None:
     channel.dataReceived(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
     assert channel.pending_path() == b"/v1/chat/completions"
 
+
+
+def test_whole_request_leaves_the_channel_as_twisted_s_parser_would() -> None:
+    """HTTPChannel's state between requests: the same after one taken whole or read by lines."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Site
+
+    class Hold(Resource):
+        isLeaf = True
+
+        def render(self, request: object) -> object:
+            return NOT_DONE_YET  # the request stays in progress, as an inference request does
+
+    class Channel(BadRequestChannel):
+        pass
+
+    data = (
+        b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    names = (
+        "_HTTPChannel__first_line", "_HTTPChannel__header", "length", "persistent",
+        "_transferDecoder", "_handlingRequest", "_savedTimeOut", "line_mode", "_buffer",
+        "_busyReceiving", "paused", "_receivedHeaderCount", "_receivedHeaderSize",
+    )
+    states = []
+    for whole in (True, False):
+        site = Site(Hold())
+        channel = Channel()
+        channel.site = site
+        channel.requestFactory = site.requestFactory
+        channel.timeOut = 60
+        channel.callLater = lambda *a, **k: _Timer()  # type: ignore[method-assign]
+        channel.makeConnection(StringTransport())
+        if whole:
+            assert channel.whole_request(data, {b"/p"}, 1000)
+        else:
+            channel.dataReceived(data)
+        [request] = channel.requests
+        assert request.content.read() == b"{}" and request.path == b"/p"
+        states.append({name: getattr(channel, name) for name in names})
+    assert states[0] == states[1]
+
+
+class _Timer:
+    """A stand-in for the channel's idle-timeout DelayedCall."""
+
+    def cancel(self) -> None:
+        pass
+
+    def reset(self, seconds: float) -> None:
+        pass
+
+    def active(self) -> bool:
+        return True
