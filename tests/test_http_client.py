@@ -788,3 +788,81 @@ async def test_a_streamed_chat_completion_from_a_real_backend_ends_with_done(
             assert upstream.connections.idle_count() == 0
     finally:
         await upstream.stopService()
+
+
+# -- over TLS -----------------------------------------------------------------------------------
+
+
+def _certificate_for_localhost() -> tuple[Any, Any]:
+    """A self-signed certificate for 127.0.0.1: (key, certificate), cryptography's objects."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_https_backend_answers_through_the_client_and_keeps_its_connection() -> None:
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Chat(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"seen": json.loads(request.content.read())}).encode()
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key, cert = _certificate_for_localhost()
+    server_options = ssl.CertificateOptions(privateKey=key, certificate=cert)
+    site = Site(Chat())
+    site.noisy = False
+    port = reactor.listenSSL(0, site, server_options, interface="127.0.0.1")  # type: ignore[attr-defined]
+    pool = BackendConnections(reactor)
+    try:
+        number = port.getHost().port
+        client_options = ssl.optionsForClientTLS(
+            "127.0.0.1", trustRoot=ssl.Certificate.loadPEM(cert.public_bytes(Encoding.PEM))
+        )
+        endpoint = wrapClientTLS(client_options, HostnameEndpoint(reactor, "127.0.0.1", number))
+        host = b"127.0.0.1:%d" % number
+        origin = pool.origin(("https", host), "tls", host, endpoint)
+        head = RequestHead(
+            origin, b"/v1/chat/completions", [(b"Content-Type", b"application/json")]
+        )
+        for _ in range(2):
+            response = await deadline(pool.request(origin, head.build(b'{"n": 1}', b"id-1", None)))
+            assert response.code == 200
+            body = await deadline(read_body(response))
+            assert json.loads(body) == {"seen": {"n": 1}}
+        assert pool.idle_count() == 1  # the second request went over the same TLS connection
+    finally:
+        await pool.close()
+        await port.stopListening()
