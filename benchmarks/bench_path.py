@@ -12,7 +12,10 @@ out: reading and writing sockets and the reactor's loop (about 120 µs per
 request on the benchmark machine, measured with a plain Twisted relay).
 
 Run with ``python -m benchmarks.bench_path [--stream]``; ``run()`` returns the
-numbers for a larger suite.
+numbers for a larger suite. ``--opcodes`` counts instead the Python opcodes and
+C calls one request executes (under ``sys.settrace``/``sys.setprofile``, with
+``--by-function`` per function): a deterministic figure to compare two versions
+of the path on a machine whose speed will not hold still.
 """
 
 from __future__ import annotations
@@ -186,6 +189,58 @@ def measure(stream: bool = False, requests: int = 500, rounds: int = 20) -> dict
         path.close()
 
 
+def count_opcodes(
+    stream: bool = False, requests: int = 50, by_function: int = 0
+) -> dict[str, Any]:
+    """Python opcodes and C calls per request (and the functions that execute most)."""
+    import collections
+    import sys
+
+    path = Path(stream)
+    try:
+        for _ in range(50):
+            path.request()
+        per_code: collections.Counter[Any] = collections.Counter()
+        c_calls = 0
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            return opcode
+
+        def opcode(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                per_code[frame.f_code] += 1
+            return opcode
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            nonlocal c_calls
+            if event == "c_call":
+                c_calls += 1
+
+        sys.setprofile(profile)
+        sys.settrace(trace)
+        try:
+            for _ in range(requests):
+                path.request()
+        finally:
+            sys.settrace(None)
+            sys.setprofile(None)
+        result: dict[str, Any] = {
+            "stream": stream,
+            "opcodes_per_request": round(sum(per_code.values()) / requests),
+            "c_calls_per_request": round(c_calls / requests),
+        }
+        if by_function:
+            result["functions"] = [
+                (f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno} {code.co_name}",
+                 round(n / requests))
+                for code, n in per_code.most_common(by_function)
+            ]
+        return result
+    finally:
+        path.close()
+
+
 def run() -> dict[str, Any]:
     """Both kinds of request, for the benchmark suite."""
     return {"chat": measure(False), "stream": measure(True, requests=100)}
@@ -195,8 +250,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stream", action="store_true", help="a 50-event stream per request")
     parser.add_argument("--requests", type=int, default=500, help="per round (20 rounds)")
+    parser.add_argument(
+        "--opcodes", action="store_true", help="count opcodes and C calls per request instead"
+    )
+    parser.add_argument(
+        "--by-function", type=int, default=0, metavar="N",
+        help="with --opcodes: the N functions that execute most opcodes",
+    )
     args = parser.parse_args()
-    result = measure(args.stream, args.requests if not args.stream else args.requests // 5)
+    if args.opcodes:
+        result = count_opcodes(args.stream, by_function=args.by_function)
+    else:
+        result = measure(args.stream, args.requests if not args.stream else args.requests // 5)
     print(json.dumps(result))
 
 
