@@ -421,39 +421,46 @@ class BackendConnection(Protocol):
             response.body_received(data)
 
     def _chunked_data(self, data: bytes) -> None:
+        """Read chunks from ``data`` (after what an earlier read left), by index: no re-slicing."""
         response = self._response
         assert response is not None
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
-        while buffer and self.state == _BODY:
+        size = len(buffer)
+        pos = 0
+        while pos < size and self.state == _BODY:
             state = self._chunk_state
             if state == _CHUNK_DATA:
                 remaining = self._remaining
-                if len(buffer) <= remaining:
-                    self._remaining = remaining - len(buffer)
+                if size - pos <= remaining:
+                    self._remaining = remaining - (size - pos)
                     if self._remaining == 0:
                         self._chunk_state = _CHUNK_END
-                    response.body_received(buffer)
+                    response.body_received(buffer[pos:] if pos else buffer)
                     return
                 self._remaining = 0
                 self._chunk_state = _CHUNK_END
-                piece, buffer = buffer[:remaining], buffer[remaining:]
-                response.body_received(piece)
+                response.body_received(buffer[pos : pos + remaining])
+                pos += remaining
+                if buffer[pos : pos + 2] == b"\r\n":  # the usual end of a chunk, at once
+                    pos += 2
+                    self._chunk_state = _CHUNK_SIZE
                 continue
-            end = buffer.find(b"\n")
+            end = buffer.find(b"\n", pos)
             if end < 0:
-                if len(buffer) > MAX_CHUNK_LINE:
+                if size - pos > MAX_CHUNK_LINE:
                     self._fail_body(MalformedResponse("chunk line too long"))
                 else:
-                    self._buffer = buffer
+                    self._buffer = buffer[pos:]
                 return
-            line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
+            line = buffer[pos:end].rstrip(b"\r")
+            pos = end + 1
             if state == _CHUNK_SIZE:
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if _HEX_SIZE.fullmatch(size) is None:
+                digits = line.split(b";", 1)[0].strip(b" \t")
+                if _HEX_SIZE.fullmatch(digits) is None:
                     self._fail_body(MalformedResponse("bad chunk size"))
                     return
-                self._remaining = int(size, 16)
+                self._remaining = int(digits, 16)
                 self._chunk_state = _CHUNK_DATA if self._remaining else _TRAILER
             elif state == _CHUNK_END:
                 if line:
@@ -461,7 +468,7 @@ class BackendConnection(Protocol):
                     return
                 self._chunk_state = _CHUNK_SIZE
             elif not line:  # _TRAILER: an empty line ends the body; trailers are dropped
-                self._body_done(buffer)
+                self._body_done(buffer[pos:])
                 return
 
     def _body_done(self, rest: bytes) -> None:
