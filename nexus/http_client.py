@@ -50,6 +50,7 @@ IDLE_SECONDS = 120.0
 #: A chunk size: hex digits only (no sign, no 0x; RFC 9112 section 7.1), at most 2**64 - 1.
 _HEX_SIZE = re.compile(rb"[0-9a-fA-F]{1,16}")
 
+#: A CR that does not end a line (made a space before a head is split into lines).
 _LONE_CR = re.compile(rb"\r(?!\n)")
 
 #: Header names (RFC 9110 section 5.1: no spaces, no control characters), one per line.
