@@ -249,13 +249,11 @@ class MetricsCollector:
         groups: list[Group[CountSeries]],
         names: tuple[str, str],
     ) -> None:
-        series = store.get(names)
-        if series is None:
-            series = self._new_count(family, store, index, groups, names)
+        series = self._count_series(family, store, index, groups, names)
         series.count += 1
         self._mark(series)
 
-    def _new_count(
+    def _count_series(
         self,
         family: Family,
         store: dict[tuple[str, str], CountSeries],
@@ -263,9 +261,12 @@ class MetricsCollector:
         groups: list[Group[CountSeries]],
         names: tuple[str, str],
     ) -> CountSeries:
-        series = store[names] = CountSeries(family, names)
-        labels = (sanitize_label(names[0]), sanitize_label(names[1]))
-        self._attach(series, labels, index, groups)
+        """The series of ``names`` in ``store``, made (and attached to its group) on first use."""
+        series = store.get(names)
+        if series is None:
+            series = store[names] = CountSeries(family, names)
+            labels = (sanitize_label(names[0]), sanitize_label(names[1]))
+            self._attach(series, labels, index, groups)
         return series
 
     # -- copies (worker mode: a new worker starts from the gateway's counts) ---------------
@@ -296,9 +297,7 @@ class MetricsCollector:
                     if copy.family.name == ERRORS.name
                     else (FALLBACKS, self.fallbacks, self._fallback_index, self.fallback_groups)
                 )
-                series = store.get(copy.names) or self._new_count(
-                    family, store, index, groups, copy.names
-                )
+                series = self._count_series(family, store, index, groups, copy.names)
             elif isinstance(copy, HealthSeries):
                 series = self._health_series(copy.backend)
             else:
