@@ -14,10 +14,9 @@ from typing import Protocol as Protocol_
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
-    IConsumer,
     IProtocol,
     IReactorTime,
     IStreamClientEndpoint,
@@ -32,16 +31,12 @@ from twisted.web.client import (
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from nexus._twisted import QuietPool
 from nexus.config import BackendConfig
 from nexus.http_client import BackendConnections, RequestHead
-
-#: Idle keep-alive connections kept per backend; Twisted's default of 2 churns
-#: connections under any concurrency.
-MAX_PERSISTENT_PER_HOST = 256
 
 #: Largest non-streaming response body the gateway holds in memory.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -61,28 +56,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go (no cooperator)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IAgentEndpointFactory)
@@ -143,7 +116,6 @@ class UpstreamClient(Service):
         self.endpoints = CachedEndpoints(reactor, connect_timeout)
         self.connections = BackendConnections(reactor)
         self.pool = QuietPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.retryAutomatically = False
         self.http = HTTPClient(Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool))
 

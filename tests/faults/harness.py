@@ -13,6 +13,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from nexus.metrics.labels import sanitize_label
 from nexus.testing import MockBackend
-from nexus.upstream import BytesProducer
 from tests.support import TWISTD, DeadlineAgent, twistd_env, wait_for
 
 _LISTENING = re.compile(rb"NexusSite starting on (\d+)")
@@ -477,7 +477,7 @@ async def post(
         b"POST",
         (gateway.url + path).encode(),
         Headers({b"content-type": [b"application/json"]}),
-        BytesProducer(body),
+        FileBodyProducer(BytesIO(body)),
     )
     done: Deferred[tuple[bytes, bool]] = Deferred()
     response.deliverBody(_Collect(done, leave_after))
