@@ -258,16 +258,6 @@ def _host(request: Request) -> str | None:
     return getattr(address, "host", None)
 
 
-#: The names the gateway writes on most answers, in Header-Case (no encoder call each time).
-_HEADER_NAMES = {
-    name: header_name(name)
-    for name in (
-        b"x-request-id", b"content-type", b"x-nexus-backend", b"x-nexus-route-reason",
-        b"x-nexus-fallback-model", b"cache-control", b"retry-after", b"www-authenticate",
-    )
-}
-
-
 def _apply(request: Request, headers: RawHeaders) -> None:
     set_header = request.responseHeaders.setRawHeaders
     for name, values in headers:
@@ -331,16 +321,16 @@ class NexusRequest(Request):
         small pieces: an answer already in memory is most of the gateway's
         traffic. ``headers`` come after the ones Twisted set (``Date``, and
         ``Connection: close`` when the connection ends), a name replacing
-        an earlier one; values with CR or LF have them as spaces.
+        an earlier one. Their values must not hold CR or LF: the gateway's
+        own are built so, a backend's are cleaned by ``nexus.http_client``.
         """
         channel = self.channel
         if channel is None or self.startedWriting or self.finished:
             return  # the client is gone (the record says 499), or this is a bug: never twice
         self.setResponseCode(status)
         lines: dict[bytes, Sequence[bytes]] = dict(self.responseHeaders.getAllRawHeaders())
-        names = _HEADER_NAMES
         for name, values in headers:
-            lines[names.get(name) or header_name(name)] = values
+            lines[header_name(name)] = values
         bodiless = status in NO_BODY_CODES or self.method == b"HEAD"
         default_type = self.defaultContentType
         if b"Content-Type" not in lines and body and not bodiless and default_type is not None:
