@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -207,20 +208,44 @@ def count_opcodes(
             frame.f_trace_opcodes = True
             return opcode
 
-        def opcode(frame: Any, event: str, arg: Any) -> Any:
-            if event == "opcode":
-                per_code[frame.f_code] += 1
-            return opcode
-
         def profile(frame: Any, event: str, arg: Any) -> None:
             nonlocal c_calls
             if event == "c_call":
                 c_calls += 1
 
+        # Which part of the exchange runs: the phase moves on when bytes leave the gateway.
+        phases = collections.Counter[str]()
+        phase = "request in -> sent upstream"
+
+        def moved(to: str, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+            def write_and_move(data: bytes) -> None:
+                nonlocal phase
+                phase = to
+                write(data)
+            return write_and_move
+
+        path.backend.write = moved("after sending upstream", path.backend.write)  # type: ignore[method-assign]
+        path.client.write = moved("after replying", path.client.write)  # type: ignore[method-assign]
+        deliver = path.backend.deliver
+
+        def answer_arrives() -> None:
+            nonlocal phase
+            phase = "answer in -> reply sent"
+            deliver()
+
+        path.backend.deliver = answer_arrives  # type: ignore[method-assign]
+
+        def opcode(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                per_code[frame.f_code] += 1
+                phases[phase] += 1
+            return opcode
+
         sys.setprofile(profile)
         sys.settrace(trace)
         try:
             for _ in range(requests):
+                phase = "request in -> sent upstream"
                 path.request()
         finally:
             sys.settrace(None)
@@ -229,6 +254,8 @@ def count_opcodes(
             "stream": stream,
             "opcodes_per_request": round(sum(per_code.values()) / requests),
             "c_calls_per_request": round(c_calls / requests),
+            # Only the first two are in a client's wait for its answer (at c1).
+            "opcodes_by_phase": {name: round(n / requests) for name, n in phases.items()},
         }
         if by_function:
             result["functions"] = [

@@ -35,6 +35,8 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from nexus._twisted import send_now
+
 #: The most bytes of status line and headers a backend may send.
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -294,7 +296,7 @@ class BackendConnection(Protocol):
         self.state = _WAITING
         self._buffer = b""
         self._waiting = d = Deferred[Response](self._cancel)
-        self.transport.write(data)
+        send_now(self.transport, data)
         return d
 
     def _cancel(self, d: Deferred[Response]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -27,9 +27,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from nexus._twisted import BadRequestChannel, header_name
+from nexus._twisted import BadRequestChannel, header_name, send_now
 from nexus.config import ServerConfig
 from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
@@ -486,6 +487,33 @@ class NexusChannel(BadRequestChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
+        # Every write goes out at once (send_now): without TCP_NODELAY a small one
+        # (an event, the head before it) could wait for the client's ACK of the last.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+
+    # What requests write to the client is sent at once, not at the reactor's next turn.
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Headers
+    ) -> None:
+        # Twisted's own head (a stream's), but through send_now.
+        lines = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        send_now(self.transport, b"".join(lines))
+
+    def write(self, data: bytes) -> None:
+        send_now(self.transport, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        send_now(self.transport, b"".join(iovec))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None and self._linger.active():

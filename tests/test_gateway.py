@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
 from typing import Any
 
 import openai
@@ -342,3 +344,72 @@ async def test_time_to_first_token_is_measured_at_the_first_content_event(
     assert gw.sample("nexus_time_to_first_token_seconds_count", **labels) == 1
     assert gw.sample("nexus_time_to_first_token_seconds_bucket", le="0.25", **labels) == 0
     assert gw.sample("nexus_time_to_first_token_seconds_sum", **labels) >= 0.3
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_is_on_the_wire_before_the_gateway_records_it(
+    cleanup: list[Any], monkeypatch: Any
+) -> None:
+    # The record, metrics and log line of a request are written after its last byte
+    # has left: a client never waits for the gateway's bookkeeping. The recorder
+    # below holds the reactor while it waits for the answer on a plain socket, so
+    # bytes still queued for the reactor's next turn could never arrive.
+    mock = start_mock("only", stream_chunks=3)
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    received: list[bytes] = []
+    client = socket.create_connection(("127.0.0.1", gw.port.getHost().port), timeout=5)
+    cleanup.append(_Closing(client))
+
+    def read_answer_first(record: Any) -> None:
+        data = b""
+        while not _complete(data):
+            readable, _, _ = select.select([client], [], [], 5)
+            if not readable:
+                break  # still in the gateway's buffer: the test fails below
+            data += client.recv(65536)
+        received.append(data)
+
+    recorders = (read_answer_first, *gw.gateway.site.recorders)
+    monkeypatch.setattr(gw.gateway.site, "recorders", recorders)
+    for count, stream in enumerate((False, True), 1):
+        body = json.dumps({"model": "m", "messages": [], "stream": stream}).encode()
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await wait_for(lambda: len(received) == count, what="the record")  # noqa: B023
+        answer = received[-1]
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and _complete(answer), answer
+        assert (b"data: [DONE]" in answer) == stream
+    assert gw.sample("nexus_requests_total", model="m", backend="only", status="200") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_connections_send_small_writes_without_delay(cleanup: list[Any]) -> None:
+    # TCP_NODELAY on the client's connection and the backend's: a stream's small
+    # writes (its head, an event) never wait for the peer's ACK of the last one.
+    mock = start_mock("only")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    assert (await gw.chat()).code == 200
+    [channel] = gw.gateway.site.channels
+    [backend] = [c for o in gw.gateway.upstream.connections._origins.values() for c in o.idle]
+    for transport in (channel.transport, backend.transport):
+        assert transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+class _Closing:
+    def __init__(self, sock: socket.socket) -> None:
+        self.stop = sock.close
+
+
+def _complete(data: bytes) -> bool:
+    """A whole HTTP/1.1 answer: its Content-Length body, or its chunked body's end."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    if b"\r\nTransfer-Encoding: chunked" in head:
+        return body.endswith(b"0\r\n\r\n")
+    length = int(head.split(b"\r\nContent-Length: ", 1)[1].split(b"\r\n", 1)[0])
+    return len(body) >= length

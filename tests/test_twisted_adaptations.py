@@ -6,15 +6,19 @@ names it, instead of the gateway quietly misbehaving.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
-from nexus._twisted import BadRequestChannel, QuietPool
+from nexus._twisted import BadRequestChannel, QuietPool, send_now
 from nexus.upstream import read_body
-from tests.support import Cleanup, deadline, start_mock
+from tests.support import Cleanup, deadline, start_mock, wait_for
 
 
 def test_the_private_names_still_exist() -> None:
@@ -23,6 +27,10 @@ def test_the_private_names_still_exist() -> None:
     assert HTTPConnectionPool._factory is _HTTP11ClientFactory
     factory = _HTTP11ClientFactory(lambda protocol: None, "key")
     assert callable(factory._quiescentCallback)
+    for side in (tcp.Server, tcp.Client):  # send_now
+        assert callable(side.writeSomeData)
+        for name in ("dataBuffer", "offset", "_writeDisconnected"):  # _tempDataLen: per instance
+            assert hasattr(side, name), (side, name)
 
 
 @pytest_twisted.ensureDeferred
@@ -132,3 +140,90 @@ class _Timer:
 
     def active(self) -> bool:
         return True
+
+
+# -- send_now: a TCP transport's write buffer ------------------------------------------------
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class _Stop:
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+
+
+async def _connected_pair(cleanup: Cleanup) -> tuple[Any, _Collect]:
+    """A real TCP connection on 127.0.0.1: our transport (a tcp.Client) and the peer's protocol."""
+    peer = _Collect()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
+    cleanup.append(_Stop(port.stopListening))
+    ours = await deadline(
+        ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+    )
+    await wait_for(lambda: peer.transport is not None, what="the peer's side")
+    cleanup.append(_Stop(ours.transport.abortConnection))
+    return ours.transport, peer
+
+
+def _queued(transport: Any) -> int:
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_sends_before_returning_on_both_sides(cleanup: Cleanup) -> None:
+    client, peer = await _connected_pair(cleanup)
+    assert isinstance(client, tcp.Client) and isinstance(peer.transport, tcp.Server)
+    send_now(client, b"to the server")
+    assert _queued(client) == 0 and client not in reactor.getWriters()  # nothing left to do
+    await wait_for(lambda: peer.data == b"to the server", what="the bytes")
+    back = _Collect()
+    client.protocol.dataReceived = back.dataReceived
+    send_now(peer.transport, b"to the client")
+    assert _queued(peer.transport) == 0
+    await wait_for(lambda: back.data == b"to the client", what="the bytes back")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_never_overtakes_queued_bytes(cleanup: Cleanup) -> None:
+    client, peer = await _connected_pair(cleanup)
+    client.write(b"first ")  # queued until the reactor's next turn
+    send_now(client, b"second")
+    assert _queued(client) == len(b"first second")
+    await wait_for(lambda: peer.data == b"first second", what="both, in order")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_queues_what_the_socket_does_not_take(cleanup: Cleanup) -> None:
+    client, peer = await _connected_pair(cleanup)
+    data = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than the socket buffers hold
+    send_now(client, data)
+    assert 0 < _queued(client) < len(data)
+    send_now(client, b"end")  # behind the queued rest
+    await wait_for(lambda: len(peer.data) == len(data) + 3, what="all of it", timeout=20)
+    assert peer.data == data + b"end"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_leaves_a_closing_connection_to_write(cleanup: Cleanup) -> None:
+    client, peer = await _connected_pair(cleanup)
+    client.loseConnection()
+    send_now(client, b"last words")  # what Twisted's write does: sent, then closed
+    assert _queued(client) == len(b"last words")
+    await deadline(peer.lost, what="the close")
+    assert peer.data == b"last words"
+
+
+def test_send_now_writes_to_other_transports() -> None:
+    transport = StringTransport()
+    send_now(transport, b"queued as always")
+    assert transport.value() == b"queued as always"
