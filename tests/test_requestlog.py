@@ -7,17 +7,18 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
 from nexus.config import RoutingConfig
 from nexus.metrics import sanitize_label
-from nexus.requestlog import HISTORY_SIZE, NAMESPACE, RequestLog, request_event
+from nexus.requestlog import HISTORY_SIZE, NAMESPACE, RequestLog, request_event, summary
 from nexus.tracking import RequestRecord
 from tests.support import (
     TWISTD,
@@ -227,6 +228,21 @@ def test_history_is_a_ring_and_the_log_can_be_off(logged: LogCapture) -> None:
     [event] = logged.requests()
     assert event["prompt_preview"] == "hello"  # in the log, with content_preview on
     assert "prompt_preview" not in request_event(record)  # never in the history
+
+
+def test_a_request_event_is_what_twisted_s_logger_would_publish(logged: LogCapture) -> None:
+    # RequestLog builds the event itself (Logger.info sorts every level per call):
+    # observers must still get every key twisted.logger gives an event.
+    record = RequestRecord(started=0.0, request_id="abc", model="m", backend="b")
+    record.finish(200, 0.25)
+    before = time.time()
+    RequestLog().record(record)
+    [event] = [e for e in logged.events if e.get("log_namespace") == NAMESPACE]
+    assert event["log_level"] is LogLevel.info
+    assert isinstance(event["log_logger"], Logger) and event["log_logger"].namespace == NAMESPACE
+    assert event["log_source"] is None
+    assert before <= event["log_time"] <= time.time()
+    assert formatEvent(event) == event["summary"] == summary(event["request"])
 
 
 def test_a_summary_line_is_one_line() -> None:
