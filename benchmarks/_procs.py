@@ -275,13 +275,17 @@ def wrk_argv(
 
 
 def wrk_env(
-    models: Sequence[str] = ("bench-model",), stream: bool = False, endpoint: str = "chat"
+    models: Sequence[str] = ("bench-model",),
+    stream: bool = False,
+    endpoint: str = "chat",
+    pause_ms: int = 0,
 ) -> dict[str, str]:
     """Environment for post.lua's knobs."""
     env = dict(os.environ)
     env["NEXUS_BENCH_MODELS"] = ",".join(models)
     env["NEXUS_BENCH_STREAM"] = "1" if stream else "0"
     env["NEXUS_BENCH_ENDPOINT"] = endpoint
+    env["NEXUS_BENCH_PAUSE_MS"] = str(pause_ms)
     return env
 
 
@@ -293,9 +297,10 @@ def run_wrk(
     models: Sequence[str] = ("bench-model",),
     stream: bool = False,
     endpoint: str = "chat",
+    pause_ms: int = 0,
 ) -> WrkResult:
     """Run wrk to completion (bounded) and parse its figures."""
-    popen = start_wrk(url, connections, seconds, cpu, models, stream, endpoint)
+    popen = start_wrk(url, connections, seconds, cpu, models, stream, endpoint, pause_ms)
     return finish_wrk(popen, seconds + 30)
 
 
@@ -307,6 +312,7 @@ def start_wrk(
     models: Sequence[str] = ("bench-model",),
     stream: bool = False,
     endpoint: str = "chat",
+    pause_ms: int = 0,
 ) -> subprocess.Popen[str]:
     """Start wrk in the background; finish with :func:`finish_wrk`."""
     return subprocess.Popen(
@@ -315,7 +321,7 @@ def start_wrk(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=wrk_env(models, stream, endpoint),
+        env=wrk_env(models, stream, endpoint, pause_ms),
         start_new_session=True,
     )
 

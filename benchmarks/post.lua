@@ -7,6 +7,8 @@
 --                       rotate through them (default "bench-model")
 --   NEXUS_BENCH_STREAM  "1" sends "stream": true
 --   NEXUS_BENCH_ENDPOINT "embeddings" posts an embeddings body (two ~60-character inputs)
+--   NEXUS_BENCH_PAUSE_MS each connection waits this long after an answer before its next
+--                       request (a client that reads the answer first); default 0
 -- At the end it prints one line "NEXUS_WRK {json}" with exact figures (latency in
 -- microseconds) for benchmarks/run.py; the usual wrk report is printed as well.
 
@@ -16,6 +18,7 @@ for name in string.gmatch(os.getenv("NEXUS_BENCH_MODELS") or "bench-model", "[^,
 end
 local stream = os.getenv("NEXUS_BENCH_STREAM") == "1"
 local embeddings = os.getenv("NEXUS_BENCH_ENDPOINT") == "embeddings"
+local pause_ms = tonumber(os.getenv("NEXUS_BENCH_PAUSE_MS") or "0") or 0
 
 local function body(model)
   if embeddings then
@@ -45,6 +48,13 @@ if #models > 1 then
   function request()
     n = n % #requests + 1
     return requests[n]
+  end
+end
+
+if pause_ms > 0 then
+  -- Defined only when pausing: wrk then schedules each next request on a timer.
+  function delay()
+    return pause_ms
   end
 end
 

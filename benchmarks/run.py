@@ -60,6 +60,8 @@ MODEL = "bench-model"
 FLEET_BACKENDS = 20
 FLEET_MODELS = tuple(f"fleet-model-{i}:7b" for i in range(10))
 CONCURRENCY = (1, 16, 64)
+#: A lone client's pause after each answer (``lone_requests``).
+LONE_PAUSE_MS = 2
 #: Events of one mock stream: role, the content chunks, finish, [DONE].
 STREAM_CHUNKS = 50
 STREAM_EVENTS = STREAM_CHUNKS + 3
@@ -474,6 +476,20 @@ class Suite:
             gw, gw_port, "/v1/chat/completions", "chat", CONCURRENCY, "non-streaming"
         )
 
+    def lone_requests(self, gw: Proc, gw_port: int) -> None:
+        """c1 again, but the client pauses LONE_PAUSE_MS after each answer.
+
+        wrk at c1 sends the next request the moment an answer arrives, so what
+        the gateway does after answering (the record, metrics, the log line)
+        delays that next request and counts in its latency: c1 measures the
+        whole CPU per request. A client that reads its answer first (a person,
+        an agent between calls) waits only for the work before the answer.
+        """
+        self.r["lone_requests"] = self.direct_and_nexus(
+            gw, gw_port, "/v1/chat/completions", "chat", (1,), "lone requests",
+            pause_ms=LONE_PAUSE_MS,
+        )
+
     def embeddings(self, gw: Proc, gw_port: int) -> None:
         """The same as ``non_streaming`` for ``POST /v1/embeddings``, at c1 and c64."""
         self.r["embeddings"] = self.direct_and_nexus(
@@ -488,8 +504,12 @@ class Suite:
         endpoint: str,
         concurrency: Sequence[int],
         what: str,
+        pause_ms: int = 0,
     ) -> dict[str, Any]:
-        """wrk on ``path`` direct and through Nexus, interleaved, repeated; figures by key."""
+        """wrk on ``path`` direct and through Nexus, interleaved, repeated; figures by key.
+
+        ``pause_ms``: each connection waits that long after an answer (post.lua's knob).
+        """
         plan = self.plan
         urls = {
             "direct": f"{self.mock_url}{path}",
@@ -507,7 +527,10 @@ class Suite:
                     log(f"{what}: {target} c{c} ({rep + 1}/{plan.reps}) ...")
                     gw0, mock0, t0 = gw.cpu_seconds(), self.mock.cpu_seconds(), time.monotonic()
                     with self.watch(None, gw) as foreign:
-                        res = run_wrk(url, c, plan.run_s, self.cpus.load, endpoint=endpoint)
+                        res = run_wrk(
+                            url, c, plan.run_s, self.cpus.load, endpoint=endpoint,
+                            pause_ms=pause_ms,
+                        )
                     runs.setdefault(f"{target}/c{c}", []).append(
                         (
                             res,
@@ -916,6 +939,7 @@ class Suite:
         gc0, cpu0 = self.gc_snapshot(gw), gw.cpu_seconds()
         with self.watch("non-streaming", gw):
             self.non_streaming(gw, port)
+            self.lone_requests(gw, port)
         gc1, cpu1 = self.gc_snapshot(gw), gw.cpu_seconds()
         if gc0 is not None and gc1 is not None:
             self.r["gc"] = gc_delta(gc0, gc1, cpu1 - cpu0)
@@ -1053,6 +1077,15 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
                 ("≤ +0.5 ms", _met(added <= 0.5, added)) if (stat, c) == ("p50", 1) else ("", "")
             )
             row(area, f"{stat} latency, c{c} (ms)", _f(d), _f(v), f"{_sf(added)} ms", target, met)
+    lone = r.get("lone_requests", {})
+    if lone:
+        for stat in ("p50", "p99"):
+            d, v = _get(lone, "direct/c1", f"{stat}_ms"), _get(lone, "nexus/c1", f"{stat}_ms")
+            row(
+                area,
+                f"{stat} latency, c1 with a {LONE_PAUSE_MS} ms pause after each answer (ms)",
+                _f(d), _f(v), f"{_sf(v - d)} ms",
+            )
     row(
         area,
         "CPU per request at c64 (µs; direct: the mock's, Nexus: the gateway's)",
