@@ -16,8 +16,14 @@ ended as framed), ``PotentialDataLoss`` (a close-delimited body ended by the
 close) or ``ResponseFailed`` (broken off); its transport pauses, resumes and
 stops (aborts) the connection, so a slow client can pause a backend.
 
-Requests are never retried here: a failed attempt is the proxy's to retry
-on another backend. The health poller keeps treq and Twisted's pool.
+A failed attempt is the proxy's to retry on another backend, with one
+exception: a kept connection that ends before a single byte of its answer.
+A backend closes an idle connection when its own keep-alive time is up
+(uvicorn, under vLLM: 5 s), and a request written at that moment meets the
+close on the wire: the backend never read it. It is sent once more on a new
+connection to the same backend (as Go's ``net/http`` does), instead of
+failing a request the backend would have answered. The health poller keeps
+treq and Twisted's pool.
 """
 
 from __future__ import annotations
@@ -26,16 +32,19 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from nexus._twisted import send_now
+
+log = Logger()
 
 #: The most bytes of status line and headers a backend may send.
 MAX_HEAD_BYTES = 64 * 1024
@@ -279,6 +288,8 @@ class BackendConnection(Protocol):
         self._chunk_state = _CHUNK_SIZE
         self._keep_alive = False
         self._paused = False
+        #: A byte of the answer to the current request has arrived.
+        self.answer_started = False
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -295,6 +306,7 @@ class BackendConnection(Protocol):
         assert self.state == _IDLE and self.transport is not None
         self.state = _WAITING
         self._buffer = b""
+        self.answer_started = False
         self._waiting = d = Deferred[Response](self._cancel)
         send_now(self.transport, data)
         return d
@@ -316,6 +328,7 @@ class BackendConnection(Protocol):
             self.abort()
 
     def _head_data(self, data: bytes) -> None:
+        self.answer_started = True
         buffer = self._buffer + data if self._buffer else data
         while True:
             head, buffer = _split_head(buffer)
@@ -631,9 +644,30 @@ class BackendConnections:
         while idle:
             connection = idle.pop()
             if connection.state == _IDLE and connection.transport is not None:
-                return connection.request(data)
+                return connection.request(data).addErrback(self._send_again, connection, data)
+        return self._connect_and_send(origin, data)
+
+    def _connect_and_send(self, origin: Origin, data: bytes) -> Deferred[Response]:
         connecting: Deferred[Any] = origin.endpoint.connect(_ConnectionFactory(self, origin))
         return connecting.addCallback(_send, data)
+
+    def _send_again(
+        self, failure: Failure, connection: BackendConnection, data: bytes
+    ) -> Deferred[Response]:
+        """A kept connection ended before a byte of its answer: once more on a new connection.
+
+        Anything else (part of an answer, a malformed one, a cancel, a new
+        connection failing the same way) fails as it came.
+        """
+        if connection.answer_started or self._closed or not failure.check(ResponseNeverReceived):
+            return fail(failure)
+        origin = connection.origin
+        log.debug(
+            "backend {backend}: a kept connection closed before an answer;"
+            " sending the request again on a new one",
+            backend=origin.name,
+        )
+        return self._connect_and_send(origin, data)
 
     def put(self, connection: BackendConnection) -> None:
         """A connection whose answer is over: keep it for the next request, or close it."""

@@ -413,3 +413,30 @@ def _complete(data: bytes) -> bool:
         return body.endswith(b"0\r\n\r\n")
     length = int(head.split(b"\r\nContent-Length: ", 1)[1].split(b"\r\n", 1)[0])
     return len(body) >= length
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_connection_closed_as_a_request_meets_it_costs_no_request(
+    cleanup: list[Any],
+) -> None:
+    # uvicorn (under vLLM) closes a connection idle for 5 s: a request written at that
+    # moment meets the close on the wire, unread. With one backend that was a 502.
+    mock = start_mock("only")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    assert (await gw.chat()).code == 200
+    assert gw.gateway.upstream.connections.idle_count() == 1  # kept for the next request
+    mock.configure(fail="close", fail_count=1)
+    response = await gw.chat()
+    assert response.code == 200 and b"Hello from only" in await response.content()
+    assert mock.chat_requests == 3  # the one the close met, and the same sent again
+    [event] = (await gw.get_json("/v1/history?limit=1"))["data"]
+    assert event["status_code"] == 200 and event["retry_count"] == 0  # not a second attempt
+    # A new connection closed the same way is not tried a third time: the backend failed.
+    mock.configure(fail="close", fail_count=-1)
+    response = await gw.chat()
+    assert response.code == 502
+    assert "unreachable" in (await error_of(response))["message"]
+    assert mock.chat_requests == 5
+    assert gw.sample("nexus_requests_total", model="m", backend="only", status="200") == 2
+    assert gw.gateway.registry.get("only").pending == 0

@@ -692,6 +692,84 @@ def test_an_idle_connection_that_gets_unasked_bytes_is_dropped() -> None:
     assert ex.aborted and ex.pool.idle_count() == 0
 
 
+# -- a kept connection the backend closes as it is reused -----------------------------------------
+
+
+def kept_connection() -> tuple[BackendConnections, Origin, MemoryEndpoint]:
+    """A pool with one idle connection to its origin, its first answer over."""
+    endpoint = MemoryEndpoint()
+    pool = BackendConnections(Clock())
+    origin = origin_of(pool, endpoint)
+    first = pool.request(origin, REQUEST)
+    endpoint.connections[0].dataReceived(sized(b"1"))
+    assert outcome(first).code == 200 and origin.idle == endpoint.connections
+    return pool, origin, endpoint
+
+
+@pytest.mark.parametrize(
+    "reason", [ConnectionDone(), ConnectionLost()], ids=["closed", "reset"]
+)
+def test_a_kept_connection_closed_before_an_answer_sends_the_request_again(
+    reason: Exception,
+) -> None:
+    # The backend's idle close crossed the request on the wire: it never read it.
+    pool, origin, endpoint = kept_connection()
+    second = pool.request(origin, REQUEST)
+    endpoint.connections[0].connectionLost(Failure(reason))
+    assert len(endpoint.connections) == 2
+    assert endpoint.transports[1].value() == REQUEST  # the same request, on a new connection
+    endpoint.connections[1].dataReceived(sized(b"2"))
+    assert outcome(second).code == 200
+    assert origin.idle == [endpoint.connections[1]]
+
+
+def test_a_kept_connection_closed_inside_an_answer_is_not_sent_again() -> None:
+    pool, origin, endpoint = kept_connection()
+    second = pool.request(origin, REQUEST)
+    endpoint.connections[0].dataReceived(b"HTTP/1.1 200 OK\r\n")  # the backend had started
+    endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
+    assert failure_of(second).check(ResponseNeverReceived)
+    assert len(endpoint.connections) == 1
+
+
+def test_a_new_connection_closed_before_an_answer_is_not_sent_again() -> None:
+    endpoint = MemoryEndpoint()
+    pool = BackendConnections(Clock())
+    d = pool.request(origin_of(pool, endpoint), REQUEST)
+    endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
+    assert failure_of(d).check(ResponseNeverReceived)
+    assert len(endpoint.connections) == 1
+
+
+def test_a_request_is_sent_again_once_at_most() -> None:
+    pool, origin, endpoint = kept_connection()
+    second = pool.request(origin, REQUEST)
+    endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
+    endpoint.connections[1].connectionLost(Failure(ConnectionDone()))
+    assert failure_of(second).check(ResponseNeverReceived)
+    assert len(endpoint.connections) == 2
+
+
+def test_cancelling_a_request_sent_again_aborts_its_new_connection() -> None:
+    pool, origin, endpoint = kept_connection()
+    second = pool.request(origin, REQUEST)
+    endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
+    second.cancel()
+    assert failure_of(second).check(CancelledError)
+    assert endpoint.transports[1].disconnected
+    endpoint.connections[1].dataReceived(sized(b"late"))  # changes nothing
+    assert pool.idle_count() == 0
+
+
+def test_a_closed_pool_sends_nothing_again() -> None:
+    pool, origin, endpoint = kept_connection()
+    second = pool.request(origin, REQUEST)
+    outcome(pool.close())  # stopping: the busy connection ends with its request
+    endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
+    assert failure_of(second).check(ResponseNeverReceived)
+    assert len(endpoint.connections) == 1
+
+
 def test_close_aborts_every_idle_connection() -> None:
     clock = Clock()
     pool = BackendConnections(clock)

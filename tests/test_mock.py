@@ -1057,6 +1057,19 @@ async def test_fail_reset_cuts_the_body(start: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_fail_close_ends_the_connection_without_an_answer(start: Any) -> None:
+    backend, client = start(fail="close", fail_count=2)
+    for stream in (False, True):
+        with pytest.raises(ResponseNeverReceived):  # a POST: Twisted's client never resends it
+            await client.chat(stream=stream)
+    await wait_for(lambda: backend.stats()["aborted"] == 2, what="closes counted")
+    assert backend.stats()["disconnects"] == 0
+    assert backend.chat_requests == 2
+    response = await client.chat()  # the count used up: answered again
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_fail_stall_stream_keeps_the_connection_silent(start: Any) -> None:
     backend, client = start(fail="stall")
     response = await client.chat(stream=True)

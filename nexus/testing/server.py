@@ -721,6 +721,8 @@ class MockBackend:
             return partial(_send, status=503, body=ERROR_503)
         if mode == "hang":
             return _nothing
+        if mode == "close":
+            return _close
         if mode == "invalid_json":
             return partial(_send, status=200, body=b"not json{")
         if mode == "huge_length":

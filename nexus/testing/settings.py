@@ -33,6 +33,7 @@ FAIL_MODES = (
     "truncated_sse",
     "huge_length",
     "endless",
+    "close",
 )
 
 #: The inference endpoints, as ``MockSettings.endpoints`` names them, and their paths.
@@ -183,6 +184,9 @@ class MockSettings:
     - ``"endless"``: stream: an event every ``max(stream_delay_ms, 1)`` ms until the client
       leaves (``first_token_delay_ms`` does not apply); non-stream: a chunked JSON body that
       never ends (a space every interval).
+    - ``"close"``: the connection is closed (FIN) without a byte of an answer, right after
+      the request is read: what a client sees when a kept connection's idle close (uvicorn's
+      keep-alive time, 5 s under vLLM) crosses its request on the wire.
 
     ``health_fail`` makes discovery endpoints answer 500; ``flap`` makes each discovery path
     alternate success / 500 on every probe (first one succeeds; paths alternate independently,

@@ -39,6 +39,7 @@ FAULTS = (
     "truncated_sse",
     "huge_length",
     "endless",
+    "close",
 )
 
 #: Concurrent clients per fault case.
@@ -94,6 +95,10 @@ EXPECTED: dict[tuple[str, bool], Expect | tuple[Expect, ...]] = {
     ("endless", False): TIMEOUT,
     # The client reads a few events, then leaves.
     ("endless", True): Expect(200, None, "client_disconnect", leave_after=3),
+    # Every connection closed unanswered: a kept one's request is sent once more on a new
+    # connection (the close may have crossed it), which is closed too.
+    ("close", False): BAD_GATEWAY,
+    ("close", True): BAD_GATEWAY,
 }
 
 
