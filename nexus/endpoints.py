@@ -18,6 +18,31 @@ from nexus.routing import request_needs
 
 _NO_NEEDS: frozenset[str] = frozenset()
 
+#: The scanner ``json.loads`` ends in (C; set by ``JSONDecoder.__init__``, not in its stubs),
+#: and the whitespace JSON allows around a value.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def json_body(data: bytes) -> Any:
+    """``json.loads(data)``, without its general steps for the usual body.
+
+    A body that starts with ``{`` and a non-zero byte is UTF-8 by
+    ``json.loads``'s own detection (RFC 8259 section 8.1): it is decoded the
+    same way and read by the same C scanner, skipping the detection (in
+    Python) and the two whitespace regexes around the value: about a tenth
+    of a request's Python work at one connection. Anything else goes to
+    ``json.loads``. Raises what it raises (ValueError, UnicodeDecodeError,
+    RecursionError).
+    """
+    if data[:1] != b"{" or data[1:2] == b"\x00":
+        return json.loads(data)
+    text = data.decode("utf-8", "surrogatepass")
+    value, end = _SCAN(text, 0)  # a "{" is always the start of a value: no StopIteration
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
 
 def _messages(payload: dict[str, Any]) -> None:
     if not isinstance(payload.get("messages"), list):
@@ -66,7 +91,7 @@ class Endpoint:
     def parse(self, body: bytes) -> dict[str, Any]:
         """Decode and check a request body; raise InvalidRequest with the reason."""
         try:
-            payload = json.loads(body)
+            payload = json_body(body)
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
         except RecursionError:

@@ -26,7 +26,7 @@ from twisted.web.http import PotentialDataLoss
 
 from nexus import sse
 from nexus.config import BackendConfig
-from nexus.endpoints import MISSING_ENDPOINT, Endpoint
+from nexus.endpoints import MISSING_ENDPOINT, Endpoint, json_body
 from nexus.errors import (
     BadGateway,
     GatewayError,
@@ -513,7 +513,7 @@ class InferenceProxy:
         error_type = error_message = None
         if 200 <= code < 300:
             try:
-                answer = json.loads(data)
+                answer = json_body(data)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise _AttemptFailed(
                     UpstreamParseError(f"Backend '{backend.name}' answered invalid JSON.")

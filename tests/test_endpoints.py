@@ -6,10 +6,14 @@ import json
 from typing import Any
 
 import openai
+import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.threads import deferToThread
 
 from nexus.config import BackendConfig, HealthCheckConfig, RoutingConfig
+from nexus.endpoints import json_body
 from tests.support import CLIENT_DEADLINE, Cleanup, served_by, start_gateway, start_mock
 
 EMBED = {"model": "m", "input": ["one", "two"]}
@@ -169,3 +173,46 @@ async def test_one_model_by_id(cleanup: Cleanup) -> None:
     assert response.code == 404
     assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+# -- json_body: json.loads's answer, by a shorter way for the usual body ---------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _outcome(parse: Any, data: bytes) -> tuple[str, Any]:
+    try:
+        value = parse(data)
+    except Exception as e:  # the kind of error is what must agree
+        return ("error", type(e))
+    return ("value", json.dumps(value, sort_keys=True))  # NaN-safe comparison
+
+
+@settings(max_examples=300)
+@given(
+    value=st.dictionaries(st.text(), _JSON_VALUES, max_size=5),
+    before=st.sampled_from(["", " ", "\ufeff", "\n"]),
+    after=st.sampled_from(["", " \r\n\t", " x", "}", "\x00", "{}"]),
+    encoding=st.sampled_from(["utf-8", "utf-16", "utf-16-le", "utf-32"]),
+    ascii_only=st.booleans(),
+)
+def test_json_body_reads_what_json_loads_reads(
+    value: dict[str, Any], before: str, after: str, encoding: str, ascii_only: bool
+) -> None:
+    data = (before + json.dumps(value, ensure_ascii=ascii_only) + after).encode(
+        encoding, "surrogatepass"
+    )
+    assert _outcome(json_body, data) == _outcome(json.loads, data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{", b"{}", b'{"a": 1} x', b'{"a": "\xff"}', b'{"a": NaN}', b'{"a": "\\ud800"}',
+     b"[1]", b"{" * 100_000, b'{"a": 1}\x00'],
+)
+def test_json_body_agrees_with_json_loads_at_the_edges(data: bytes) -> None:
+    assert _outcome(json_body, data) == _outcome(json.loads, data)
