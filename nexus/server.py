@@ -429,6 +429,8 @@ class NexusChannel(BadRequestChannel):
     site: NexusSite  # set by Site.buildProtocol
     _refusing = False
     _linger: IDelayedCall | None = None
+    _host: Any = None
+    _peer: Any = None
 
     def bad_request(self) -> None:
         self.refuse(400, b"Bad Request", InvalidRequest(
@@ -495,6 +497,21 @@ class NexusChannel(BadRequestChannel):
                 set_no_delay(True)
             except OSError:
                 pass
+
+    # Every request asks for both addresses (twisted.web's Request.__init__); a
+    # connection's never change: one getsockname() call and one address object each.
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     # What requests write to the client is sent at once, not at the reactor's next turn.
 

@@ -373,3 +373,29 @@ def test_a_whole_request_over_the_body_limit_is_refused_as_before() -> None:
     served.send(_WHOLE)
     assert served.response()[0] == b"HTTP/1.1 413 Payload Too Large"
     assert [(r.status, r.error_type) for r in served.records] == [(413, "invalid_request")]
+
+
+def test_a_connection_s_addresses_are_asked_for_once_and_every_request_has_them() -> None:
+    seen: list[Exchange] = []
+    served = Served(_echo_handler(seen))
+    asked: list[str] = []
+    transport = served.transport
+    get_host, get_peer = transport.getHost, transport.getPeer
+
+    def host() -> Any:
+        asked.append("host")  # a getsockname() call on a real socket
+        return get_host()
+
+    def peer() -> Any:
+        asked.append("peer")
+        return get_peer()
+
+    transport.getHost, transport.getPeer = host, peer  # type: ignore[method-assign]
+    for _ in range(3):
+        served.send(_WHOLE)
+    assert len(seen) == 3
+    assert sorted(asked) == ["host", "peer"]
+    for exchange in seen:
+        assert exchange.request.getClientAddress() == get_peer()
+        assert exchange.request.getHost() == get_host()
+    assert [r.client for r in served.records] == [get_peer().host] * 3
