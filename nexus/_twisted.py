@@ -21,7 +21,8 @@ here instead of misbehaving in production.
   ``HTTPChannel`` would, without its line-by-line parsing.
 - ``send_now``: a TCP transport's write buffer (``dataBuffer``,
   ``_tempDataLen``, ``_writeDisconnected``) and ``writeSomeData``, to send
-  at once what nothing is queued before.
+  at once what nothing is queued before (``no_delay``, its companion, uses
+  only public API).
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ def send_now(transport: Any, data: bytes) -> None:
         # Else the connection is lost: write() queues, and the reactor's next
         # write finds the loss and ends the connection the usual way.
     transport.write(data)
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off where the transport has the switch (TCP; public API).
+
+    It goes with ``send_now``: with small writes sent at once, one (a stream's
+    event, a head before its first event) must not wait for the peer's ACK of
+    the last.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 def header_name(name: bytes) -> bytes:

@@ -42,7 +42,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from nexus._twisted import send_now
+from nexus._twisted import no_delay, send_now
 
 log = Logger()
 
@@ -292,12 +292,7 @@ class BackendConnection(Protocol):
         self.answer_started = False
 
     def connectionMade(self) -> None:
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        no_delay(self.transport)
 
     # -- the request -----------------------------------------------------------------------
 

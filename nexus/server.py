@@ -30,7 +30,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from nexus._twisted import BadRequestChannel, header_name, send_now
+from nexus._twisted import BadRequestChannel, header_name, no_delay, send_now
 from nexus.config import ServerConfig
 from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
@@ -489,14 +489,7 @@ class NexusChannel(BadRequestChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
-        # Every write goes out at once (send_now): without TCP_NODELAY a small one
-        # (an event, the head before it) could wait for the client's ACK of the last.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        no_delay(self.transport)  # every write goes out at once (send_now)
 
     # Every request asks for both addresses (twisted.web's Request.__init__); a
     # connection's never change: one getsockname() call and one address object each.

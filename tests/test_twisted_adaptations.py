@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -18,7 +17,7 @@ from twisted.web.http import HTTPChannel
 
 from nexus._twisted import BadRequestChannel, QuietPool, send_now
 from nexus.upstream import read_body
-from tests.support import Cleanup, deadline, start_mock, wait_for
+from tests.support import Cleanup, StreamedBody, deadline, start_mock, wait_for
 
 
 def test_the_private_names_still_exist() -> None:
@@ -145,26 +144,14 @@ class _Timer:
 # -- send_now: a TCP transport's write buffer ------------------------------------------------
 
 
-class _Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
 class _Stop:
     def __init__(self, stop: Any) -> None:
         self.stop = stop
 
 
-async def _connected_pair(cleanup: Cleanup) -> tuple[Any, _Collect]:
+async def _connected_pair(cleanup: Cleanup) -> tuple[Any, StreamedBody]:
     """A real TCP connection on 127.0.0.1: our transport (a tcp.Client) and the peer's protocol."""
-    peer = _Collect()
+    peer = StreamedBody()
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
     cleanup.append(_Stop(port.stopListening))
     ours = await deadline(
@@ -186,7 +173,7 @@ async def test_send_now_sends_before_returning_on_both_sides(cleanup: Cleanup) -
     send_now(client, b"to the server")
     assert _queued(client) == 0 and client not in reactor.getWriters()  # nothing left to do
     await wait_for(lambda: peer.data == b"to the server", what="the bytes")
-    back = _Collect()
+    back = StreamedBody()
     client.protocol.dataReceived = back.dataReceived
     send_now(peer.transport, b"to the client")
     assert _queued(peer.transport) == 0
@@ -219,7 +206,7 @@ async def test_send_now_leaves_a_closing_connection_to_write(cleanup: Cleanup) -
     client.loseConnection()
     send_now(client, b"last words")  # what Twisted's write does: sent, then closed
     assert _queued(client) == len(b"last words")
-    await deadline(peer.lost, what="the close")
+    await deadline(peer.ended, what="the close")
     assert peer.data == b"last words"
 
 
