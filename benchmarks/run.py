@@ -561,6 +561,7 @@ class Suite:
                 "mock_cpu_us": 1e6 * mock_cpu / requests if requests else float("nan"),
                 "gateway_busy": gw_cpu / wall if wall else float("nan"),
                 "all_rps": [run[0].rps for run in all_runs],
+                "all_p50_ms": [run[0].p50_ms for run in all_runs],
                 "runs": len(all_runs),
                 "clean_runs": len(clean),
             }
@@ -1076,7 +1077,23 @@ def report(r: dict[str, Any], plan: Plan, notes: Sequence[str], quick: bool) -> 
             target, met = (
                 ("≤ +0.5 ms", _met(added <= 0.5, added)) if (stat, c) == ("p50", 1) else ("", "")
             )
-            row(area, f"{stat} latency, c{c} (ms)", _f(d), _f(v), f"{_sf(added)} ms", target, met)
+            spread = ""
+            if (stat, c) == ("p50", 1):
+                # Direct and Nexus ran one after the other in each repetition: how far
+                # one pair can be from the medians on this machine.
+                direct_runs = _get(ns, "direct/c1", "all_p50_ms")
+                nexus_runs = _get(ns, "nexus/c1", "all_p50_ms")
+                pairs = (
+                    [n - d for d, n in zip(direct_runs, nexus_runs, strict=False)]
+                    if isinstance(direct_runs, list) and isinstance(nexus_runs, list)
+                    else []
+                )
+                if pairs:
+                    spread = f" (pairs of runs: {_sf(min(pairs))} to {_sf(max(pairs))})"
+            row(
+                area, f"{stat} latency, c{c} (ms)", _f(d), _f(v), f"{_sf(added)} ms{spread}",
+                target, met,
+            )
     lone = r.get("lone_requests", {})
     if lone:
         for stat in ("p50", "p99"):
