@@ -254,6 +254,18 @@ class Exchange:
         return True
 
 
+def head_parts(
+    status_line: bytes, fields: Iterable[tuple[bytes, Sequence[bytes]]]
+) -> list[bytes]:
+    """A response head as pieces to join: the status line, a line per value, the blank line."""
+    parts = [status_line, b"\r\n"]
+    for name, values in fields:
+        for value in values:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return parts
+
+
 def _host(request: Request) -> str | None:
     address = request.getClientAddress()
     return getattr(address, "host", None)
@@ -338,11 +350,8 @@ class NexusRequest(Request):
             lines[b"Content-Type"] = [default_type]
         if status != 204:  # RFC 9110 section 8.6: never on a 204
             lines[b"Content-Length"] = [b"%d" % len(body)]
-        parts = [b"%s %d %s\r\n" % (self.clientproto, status, self.code_message)]
-        for name, values in lines.items():
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
+        status_line = b"%s %d %s" % (self.clientproto, status, self.code_message)
+        parts = head_parts(status_line, lines.items())
         if not bodiless:
             parts.append(body)
             self.sentLength = len(body)
@@ -512,12 +521,8 @@ class NexusChannel(BadRequestChannel):
         self, version: bytes, code: bytes, reason: bytes, headers: Headers
     ) -> None:
         # Twisted's own head (a stream's), but through send_now.
-        lines = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
-        lines.append(b"\r\n")
-        send_now(self.transport, b"".join(lines))
+        status_line = b"%s %s %s" % (version, code, reason)
+        send_now(self.transport, b"".join(head_parts(status_line, headers.getAllRawHeaders())))
 
     def write(self, data: bytes) -> None:
         send_now(self.transport, data)
