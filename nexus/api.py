@@ -76,8 +76,9 @@ class NexusAPI:
         self.created = int(wall_clock())
         self.metrics_resource = MetricsResource(collector)
         self.stats_resource = StatsResource(collector)
-        #: Fires when the numbers here include every request finished before now: at once in
-        #: one process; after a round trip to every worker in worker mode (``nexus.workers``).
+        #: Fires when the numbers here include every request finished before now: once the
+        #: site's waiting records are written in one process (``NexusSite.synced``); after a
+        #: round trip to every worker in worker mode (``nexus.workers``).
         self.synced: Callable[[], Deferred[None]] = lambda: succeed(None)
         #: The handler of each inference path.
         self.inference: dict[bytes, Handler] = {

@@ -165,6 +165,10 @@ def build_gateway(
         api.dashboard = dashboard
         site.recorders += (dashboard.record,)
         collector.dashboard_subscribers = dashboard.subscribers
+    # A read of the numbers first writes the records still waiting (NexusSite.finished).
+    api.synced = site.synced
+    if dashboard is not None:
+        dashboard.live.synced = site.synced
     return Gateway(
         config, registry, router, upstream, collector, poller, admission, api, site, request_log,
         dashboard,
@@ -329,6 +333,7 @@ class GatewayService(MultiService):
             pass  # a client that reads nothing more must not hold the stop up
         else:
             timer.cancel()
+        self.gateway.site.write_records()  # the last requests' records and log lines
         for child in reversed(list(self)):
             if child.running:
                 await maybeDeferred(child.stopService)

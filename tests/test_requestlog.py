@@ -264,6 +264,7 @@ async def test_other_requests_are_not_logged_at_info(cleanup: Cleanup, logged: L
     for path in ("/metrics", "/health", "/v1/stats", "/v1/models", "/v1/history"):
         await (await gw.client.get(gw.url + path)).content()
     await (await gw.chat()).content()
+    await wait_for(lambda: len(logged.requests()) == 1, what="the request's event")
     namespaces = Counter(e.get("log_namespace") for e in logged.events)
     assert namespaces[NAMESPACE] == 1 and namespaces["nexus.access"] == 0
     gw.gateway.site.debug_access = True  # [logging] level = "debug"
@@ -375,6 +376,7 @@ async def test_content_preview_goes_to_the_log_only(cleanup: Cleanup, logged: Lo
     gw = await start_gateway([mock])
     cleanup += [mock, gw]
     await (await gw.chat()).content()
+    await wait_for(lambda: len(logged.requests()) == 1, what="the request's event")
     assert "prompt_preview" not in logged.requests()[0]  # off by default
     gw.gateway.api.proxy.content_preview = True  # [logging] content_preview = true
     messages = [
@@ -387,6 +389,7 @@ async def test_content_preview_goes_to_the_log_only(cleanup: Cleanup, logged: Lo
         data=json.dumps({"model": "m", "messages": messages}).encode(),
     )
     await response.content()
+    await wait_for(lambda: len(logged.requests()) == 2, what="the second request's event")
     assert logged.requests()[1]["prompt_preview"] == "z" * 100  # the last user message, cut
     history = await gw.get_json("/v1/history")
     assert all("prompt_preview" not in event for event in history["data"])

@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from nexus.config import ServerConfig
 from nexus.errors import Unauthorized
-from nexus.server import Exchange, Handler, NexusSite, Reply, Stream
+from nexus.server import RECORD_DELAY, Exchange, Handler, NexusSite, Reply, Stream
 from nexus.tracking import RequestRecord
 
 PATH = b"/v1/chat/completions"
@@ -51,15 +51,26 @@ class Served:
 
     def __init__(self, handler: Handler, **server: Any) -> None:
         self.clock = Clock()
-        self.records: list[RequestRecord] = []
+        self.written: list[RequestRecord] = []
         config = ServerConfig(**server)
         self.site = NexusSite(
-            _Root(handler), config, [self.records.append], frozenset({PATH}),
+            _Root(handler), config, [self.written.append], frozenset({PATH}),
             now=self.clock.seconds, reactor=self.clock,
         )
         self.channel = self.site.buildProtocol(None)
         self.transport = _TCPTransport()
         self.channel.makeConnection(self.transport)
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        """The records as a read of the numbers sees them (it writes those still waiting)."""
+        self.site.write_records()
+        return self.written
+
+    def record_timers(self) -> list[Any]:
+        """The timers that would write waiting records."""
+        write = self.site.write_records
+        return [call for call in self.clock.getDelayedCalls() if call.func == write]
 
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
@@ -224,6 +235,45 @@ def test_a_client_leaving_mid_stream_cancels_the_stream() -> None:
     assert body.done.called  # cancelled
     body.done.addErrback(lambda f: f.trap(CancelledError))
     assert [r.status for r in served.records] == [499]
+
+
+def test_a_record_is_written_while_the_next_request_waits_or_soon_after() -> None:
+    # The bookkeeping of an answer (metrics, log line, history) stays out of the next
+    # client's wait: it runs once the next request was sent on and waits for its backend.
+    answers: list[Deferred[Reply]] = []
+    written_when_waiting: list[int] = []
+
+    def handler(exchange: Exchange) -> Deferred[Reply]:
+        answers.append(Deferred())
+        return answers[-1]
+
+    served = Served(handler)
+    served.site.recorders += (lambda record: written_when_waiting.append(len(answers)),)
+    served.post()
+    answers[0].callback(Reply(200, b"{}"))
+    assert served.transport.value().startswith(b"HTTP/1.1 200 OK")  # the client has it
+    assert served.written == []  # the record waits
+    served.post()  # the next request: the first's record is written once this one waits
+    assert written_when_waiting == [2]
+    assert [r.status for r in served.written] == [200]
+    assert not served.record_timers()  # none left behind
+    # Nothing comes next: RECORD_DELAY later the record is written anyway.
+    answers[1].callback(Reply(201, b"{}"))
+    served.clock.advance(RECORD_DELAY * 0.99)
+    assert len(served.written) == 1
+    served.clock.advance(RECORD_DELAY * 0.02)
+    assert [r.status for r in served.written] == [200, 201]
+
+
+def test_a_read_of_the_numbers_writes_the_waiting_records_in_order() -> None:
+    served = Served(lambda exchange: succeed(Reply(200, b"{}")))  # type: ignore[arg-type,return-value]
+    served.site.finished(RequestRecord(started=0.0, request_id="a", client=None))
+    served.site.finished(RequestRecord(started=0.0, request_id="b", client=None))
+    assert served.written == []
+    synced = served.site.synced()
+    assert synced.called  # one process: nothing to wait for
+    assert [r.request_id for r in served.written] == ["a", "b"]
+    assert not served.record_timers()
 
 
 def _never(exchange: Exchange) -> Deferred[Reply]:

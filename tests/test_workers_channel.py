@@ -186,3 +186,29 @@ def test_auto_is_one_worker_per_cpu_this_process_may_use() -> None:
 
     assert worker_count("auto") == len(os.sched_getaffinity(0))
     assert worker_count(3) == 3
+
+
+def test_a_read_in_a_worker_first_sends_the_records_its_site_still_holds() -> None:
+    # A worker's finished records wait for its next idle moment (NexusSite.finished);
+    # a sync (before any read of the numbers) sends them ahead of its question, so the
+    # supervisor's answer and every other worker's numbers include them.
+    from twisted.internet.task import Clock
+
+    from nexus.config import load_config
+    from nexus.service import build_gateway
+    from nexus.workers.worker import WorkerLink
+
+    config, _ = load_config(None, environ={"NEXUS_DISCOVERY": "false"})
+    clock = Clock()
+    gateway = build_gateway(config, clock)
+    link = WorkerLink(gateway, clock, on_start=lambda started: None)
+    gateway.site.recorders += (link.record,)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    gateway.site.finished(finished_record())
+    assert transport.value() == b""  # waiting in the site
+    link.sync()
+    records, sync = amp.parseString(transport.value())
+    assert records[b"_command"] == b"Records" and sync[b"_command"] == b"Sync"
+    [fields] = loads(records[b"data"])
+    assert record_from(fields).request_id == "abc"

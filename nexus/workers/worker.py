@@ -115,7 +115,8 @@ class WorkerLink(RecordChannel):
         self.outgoing.add(record_fields(record))
 
     def flush(self) -> None:
-        """Send the records not sent yet."""
+        """Send the records not sent yet (the site's waiting ones included)."""
+        self.gateway.site.write_records()
         self.outgoing.flush()
 
     # -- a read of the gateway's numbers ---------------------------------------------------

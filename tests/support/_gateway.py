@@ -97,6 +97,7 @@ class RunningGateway:
         return json.loads(await response.content())
 
     def sample(self, name: str, **labels: str) -> float:
+        self.gateway.site.write_records()  # what every read of the numbers does first
         value = prometheus_registry(self.gateway.collector).get_sample_value(name, labels)
         return 0.0 if value is None else value
 
