@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -26,7 +27,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES
+from twisted.web.http import NO_BODY_CODES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
@@ -259,6 +260,19 @@ class Exchange:
         return True
 
 
+#: The second ``http_date`` last formatted, and its text.
+_date: tuple[int, bytes] = (-1, b"")
+
+
+def http_date() -> bytes:
+    """Now as a ``Date`` header's value (Twisted's format), formatted once a second."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, datetimeToString(second))
+    return _date[1]
+
+
 def head_parts(
     status_line: bytes, fields: Iterable[tuple[bytes, Sequence[bytes]]]
 ) -> list[bytes]:
@@ -368,6 +382,25 @@ class NexusRequest(Request):
         """Start the exchange of this inference request (its record starts now)."""
         exchange = self.exchange = Exchange(self, self.nexus_site)
         return exchange
+
+    def process(self) -> None:
+        """An inference ``POST`` goes straight to its handler; anything else as Twisted would.
+
+        For a path that names its handler, Twisted's ``process`` would set a
+        ``Server`` header (only to have ``render`` remove it), format the date
+        anew, unquote the path and walk the resource tree.
+        """
+        site = self.nexus_site
+        handler = site.inference.get(self.path) if self.method == b"POST" else None
+        if handler is None:
+            super().process()
+            return
+        self.site = site
+        self.responseHeaders.setRawHeaders(b"date", [http_date()])
+        try:
+            self.begin_exchange().serve(handler)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def render(self, resrc: Any) -> None:
         # No "Server: TwistedWeb/<version>" (set by Request.process): it only helps attackers.
@@ -488,7 +521,7 @@ class NexusChannel(BadRequestChannel):
     def dataReceived(self, data: bytes) -> None:
         if not self._refusing:
             site = self.site
-            if self.whole_request(data, site.inference_paths, site.max_body_bytes):
+            if self.whole_request(data, site.inference, site.max_body_bytes):
                 return
             super().dataReceived(data)
             requests = self.requests
@@ -557,7 +590,7 @@ class NexusSite(Site):
         resource: Any,
         server: ServerConfig,
         recorders: Sequence[Recorder],
-        inference_paths: frozenset[bytes],
+        inference: Mapping[bytes, Handler],
         now: Callable[[], float],
         reactor: Any,
         debug_access: bool = False,
@@ -569,7 +602,8 @@ class NexusSite(Site):
         self.max_header_bytes = server.max_header_bytes
         #: Every finished inference request's record goes to each (metrics, request log).
         self.recorders = tuple(recorders)
-        self.inference_paths = inference_paths
+        #: The handler of each inference path (``NexusRequest.process``).
+        self.inference = inference
         #: Log every other request at debug (``[logging] level = "debug"``).
         self.debug_access = debug_access
         self.now = now
@@ -659,7 +693,7 @@ class NexusSite(Site):
         self, path: bytes, status: int, error: GatewayError, request_id: str, client: str | None
     ) -> None:
         """Record an inference request answered before it reached a handler."""
-        if path not in self.inference_paths:
+        if path not in self.inference:
             return
         record = RequestRecord(
             started=self.now(),
@@ -678,7 +712,7 @@ class NexusSite(Site):
         Inference requests have their own event in the request log; a scrape every
         15 s must not flood the log at ``info``.
         """
-        if self.debug_access and request.path not in self.inference_paths:
+        if self.debug_access and request.path not in self.inference:
             access_log.debug(
                 "{method} {path} {code}",
                 method=request.method.decode("ascii", "replace"),

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from nexus.access import AccessPolicy
 from nexus.admission import Admission
-from nexus.api import INFERENCE_PATHS, GatewayResource, NexusAPI
+from nexus.api import GatewayResource, NexusAPI
 from nexus.config import (
     BackendConfig,
     Config,
@@ -154,7 +154,7 @@ def build_gateway(
         config.server,
         # The metrics and the request log see the same record at the same moment.
         recorders=(collector.record_request, request_log.record),
-        inference_paths=INFERENCE_PATHS,
+        inference=api.inference,
         now=now,
         reactor=reactor,
         debug_access=config.logging.level == "debug",

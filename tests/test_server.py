@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -12,28 +14,31 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from nexus.config import ServerConfig
 from nexus.errors import Unauthorized
-from nexus.server import RECORD_DELAY, Exchange, Handler, NexusSite, Reply, Stream
+from nexus.server import (
+    RECORD_DELAY,
+    Exchange,
+    Handler,
+    NexusSite,
+    Reply,
+    Stream,
+    http_date,
+)
 from nexus.tracking import RequestRecord
 
 PATH = b"/v1/chat/completions"
 
 
 class _Root(Resource):
+    """Every request but an inference POST (those go to their handler)."""
+
     isLeaf = True
 
-    def __init__(self, handler: Handler) -> None:
-        super().__init__()
-        self.handler = handler
-
     def render(self, request: Any) -> object:
-        if request.path == PATH:
-            request.begin_exchange().serve(self.handler)
-            return NOT_DONE_YET
         return b"other"
 
 
@@ -54,7 +59,7 @@ class Served:
         self.written: list[RequestRecord] = []
         config = ServerConfig(**server)
         self.site = NexusSite(
-            _Root(handler), config, [self.written.append], frozenset({PATH}),
+            _Root(), config, [self.written.append], {PATH: handler},
             now=self.clock.seconds, reactor=self.clock,
         )
         self.channel = self.site.buildProtocol(None)
@@ -107,12 +112,25 @@ def test_a_reply_is_written_and_recorded_once() -> None:
     assert status == b"HTTP/1.1 201 Created"
     assert headers[b"x-nexus-backend"] == b"a" and headers[b"content-length"] == b"12"
     assert b"server" not in headers  # no "Server: TwistedWeb/<version>"
+    sent = parsedate_to_datetime(headers[b"date"].decode()).timestamp()
+    assert abs(sent - time.time()) < 5  # an HTTP date: now
     assert body == b'{"ok": true}'
     assert seen[0].authorization == [b"Bearer k"]
     [record] = served.records
     assert (record.model, record.status, record.error_type) == ("m", 201, None)
     served.leave()  # the connection closing later changes nothing
     assert len(served.records) == 1
+
+
+def test_the_date_is_formatted_as_twisted_does_once_a_second(monkeypatch: Any) -> None:
+    now = [1_700_000_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    first = http_date()
+    assert first == datetimeToString(1_700_000_000) == b"Tue, 14 Nov 2023 22:13:20 GMT"
+    now[0] += 0.5
+    assert http_date() is first  # the same second: not formatted again
+    now[0] += 0.5
+    assert http_date() == b"Tue, 14 Nov 2023 22:13:21 GMT"
 
 
 def test_a_reply_goes_out_in_one_write_with_twisted_s_header_names() -> None:
@@ -199,6 +217,7 @@ def test_a_stream_is_written_as_it_comes_and_recorded_when_it_ends() -> None:
     served = Served(handler)
     served.post()
     assert b"data: 1" in served.transport.value()
+    assert b"\r\nDate: " in served.transport.value() and b"Server" not in served.transport.value()
     assert served.records == []  # not over yet
     assert body.consumer is not None
     body.consumer.write(b"data: 2\n\n")
