@@ -41,7 +41,7 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9a-z]+"
 #: Lower-case header names (RFC 9110 tokens), one per line.
 _NAMES = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
 #: Headers that make ``whole_request`` leave a request to Twisted's own parsing.
-_LEFT_TO_TWISTED = frozenset({b"transfer-encoding", b"expect", b"connection", b"cookie"})
+_LEFT_TO_TWISTED = frozenset({b"transfer-encoding", b"expect", b"cookie"})
 
 
 #: The transports ``send_now`` can write to directly: plain TCP, both sides.
@@ -149,10 +149,11 @@ class BadRequestChannel(HTTPChannel):
         quarter of the gateway's own CPU per request. Most inference requests
         come whole in one read from a well-behaved client: a request line, a
         few headers, a ``Content-Length`` body. Such a request is handed to
-        the request object exactly as ``HTTPChannel`` would hand it; anything
-        else (a partial read, chunked bodies, ``Expect``, ``Connection``,
-        cookies, a second request behind it, a malformed line, a limit
-        reached) returns False, untouched, for Twisted to read as always.
+        the request object exactly as ``HTTPChannel`` would hand it (with
+        ``Connection: close`` too: one-shot clients send it); anything else (a
+        partial read, chunked bodies, ``Expect``, cookies, a second request
+        behind it, a malformed line, a limit reached) returns False,
+        untouched, for Twisted to read as always.
         """
         if (
             self._busyReceiving
@@ -195,7 +196,7 @@ class BadRequestChannel(HTTPChannel):
             return False
         lowered_names = lowered.split(b"\n")
         if _LEFT_TO_TWISTED.intersection(lowered_names):
-            return False  # a header Twisted must see: chunked, Expect, Connection, cookies
+            return False  # a header Twisted must see: chunked, Expect, cookies
         try:
             length = values[lowered_names.index(b"content-length")]
         except ValueError:
@@ -220,6 +221,8 @@ class BadRequestChannel(HTTPChannel):
         add = request.requestHeaders.addRawHeader
         for name, value in zip(names, values, strict=True):
             add(name, value)
+        if b"connection" in lowered_names:  # "close": answered, then the connection ends
+            self.persistent = self.checkPersistence(request, b"HTTP/1.1")
         request.gotLength(len(body))
         if body:
             request.handleContentChunk(body)

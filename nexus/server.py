@@ -31,7 +31,7 @@ from twisted.web.http import NO_BODY_CODES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from nexus._twisted import BadRequestChannel, header_name, no_delay, send_now
+from nexus._twisted import BadRequestChannel, header_name, send_now
 from nexus.config import ServerConfig
 from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
@@ -539,7 +539,7 @@ class NexusChannel(BadRequestChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
-        no_delay(self.transport)  # every write goes out at once (send_now)
+        # Twisted's HTTPChannel.connectionMade has set TCP_NODELAY (send_now relies on it).
 
     # Every request asks for both addresses (twisted.web's Request.__init__); a
     # connection's never change: one getsockname() call and one address object each.
