@@ -19,6 +19,9 @@ here instead of misbehaving in production.
   and ``LineReceiver``'s (``_buffer``, ``_busyReceiving``, ``paused``,
   ``line_mode``), to take a plain request that came whole in one read the way
   ``HTTPChannel`` would, without its line-by-line parsing.
+- ``read_now``: only public API (``IReadDescriptor.doRead``, what the
+  reactor itself calls on a readable connection), listed here because it
+  calls it outside the reactor's loop.
 - ``send_now``: a TCP transport's write buffer (``dataBuffer``,
   ``_tempDataLen``, ``_writeDisconnected``) and ``writeSomeData``, to send
   at once what nothing is queued before (``no_delay``, its companion, uses
@@ -32,6 +35,7 @@ from collections.abc import Container
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import _nameEncoder
@@ -43,6 +47,8 @@ _NAMES = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
 #: Headers that make ``whole_request`` leave a request to Twisted's own parsing.
 _LEFT_TO_TWISTED = frozenset({b"transfer-encoding", b"expect", b"cookie"})
 
+
+_log = Logger()
 
 #: The transports ``send_now`` can write to directly: plain TCP, both sides.
 _SOCKETS = (tcp.Server, tcp.Client)
@@ -77,6 +83,27 @@ def send_now(transport: Any, data: bytes) -> None:
         # Else the connection is lost: write() queues, and the reactor's next
         # write finds the loss and ends the connection the usual way.
     transport.write(data)
+
+
+def read_now(transport: Any) -> None:
+    """Read what a new TCP connection already holds, not at the reactor's next turn.
+
+    Nearly every HTTP client sends its request as soon as it has connected,
+    so a connection the gateway accepts usually has its request waiting:
+    read at once, it skips a round of the reactor (an ``epoll_wait`` and the
+    dispatch to the connection; ~0.1 ms on a small VM). Nothing there yet: one
+    ``recv`` that would block, and the reactor reads when data comes. A
+    connection already over (end of file, a reset) is left for the reactor to
+    find on its next turn, as it would have. A bug in the protocol is logged
+    and its connection cut, as the reactor does.
+    """
+    if type(transport) is not tcp.Server or not transport.connected or transport.disconnecting:
+        return
+    try:
+        transport.doRead()
+    except Exception:
+        _log.failure("reading a new connection failed")
+        transport.abortConnection()
 
 
 def no_delay(transport: Any) -> None:

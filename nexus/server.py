@@ -31,7 +31,7 @@ from twisted.web.http import NO_BODY_CODES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from nexus._twisted import BadRequestChannel, header_name, send_now
+from nexus._twisted import BadRequestChannel, header_name, read_now, send_now
 from nexus.config import ServerConfig
 from nexus.errors import GatewayError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from nexus.tracking import CLIENT_CLOSED, RequestRecord
@@ -540,6 +540,7 @@ class NexusChannel(BadRequestChannel):
         super().connectionMade()
         self.site.channels.add(self)
         # Twisted's HTTPChannel.connectionMade has set TCP_NODELAY (send_now relies on it).
+        read_now(self.transport)  # the request is usually there already
 
     # Every request asks for both addresses (twisted.web's Request.__init__); a
     # connection's never change: one getsockname() call and one address object each.

@@ -399,6 +399,44 @@ async def test_both_connections_send_small_writes_without_delay(cleanup: list[An
         assert transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_request_sent_with_the_connection_is_read_as_it_is_accepted(
+    cleanup: list[Any], monkeypatch: Any
+) -> None:
+    # A one-shot client connects and sends at once: its request is read and sent on in
+    # the reactor's turn that accepts the connection, not one turn later.
+    import nexus.server
+
+    mock = start_mock("only")
+    gw = await start_gateway([mock])
+    cleanup += [mock, gw]
+    in_progress: list[int] = []
+    read_now = nexus.server.read_now
+
+    def read_and_look(transport: Any) -> None:
+        read_now(transport)
+        in_progress.append(len(transport.protocol.requests))
+
+    monkeypatch.setattr(nexus.server, "read_now", read_and_look)
+    client = socket.create_connection(("127.0.0.1", gw.port.getHost().port), timeout=5)
+    cleanup.append(_Closing(client))
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    client.sendall(  # before the reactor runs again: the request waits with the connection
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = await deferToThread(_read_all, client)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and _complete(answer)
+    assert in_progress == [1]  # read, parsed and waiting for the backend when accepted
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 class _Closing:
     def __init__(self, sock: socket.socket) -> None:
         self.stop = sock.close

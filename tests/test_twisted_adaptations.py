@@ -6,16 +6,20 @@ names it, instead of the gateway quietly misbehaving.
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor, tcp
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
-from nexus._twisted import BadRequestChannel, QuietPool, send_now
+from nexus import _twisted
+from nexus._twisted import BadRequestChannel, QuietPool, read_now, send_now
 from nexus.upstream import read_body
 from tests.support import Cleanup, StreamedBody, deadline, start_mock, wait_for
 
@@ -214,3 +218,91 @@ def test_send_now_writes_to_other_transports() -> None:
     transport = StringTransport()
     send_now(transport, b"queued as always")
     assert transport.value() == b"queued as always"
+
+
+# -- read_now: a new connection read as it is made ------------------------------------------------
+
+
+class _ReadsAtOnce(StreamedBody):
+    """A server side that reads its connection as soon as it is made (NexusChannel does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_made: bytes | None = None
+        self.reason: Any = None
+
+    def connectionMade(self) -> None:
+        read_now(self.transport)
+        self.at_made = self.data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.reason = reason
+        super().connectionLost(reason)
+
+
+async def _accepted(cleanup: Cleanup, send: Any) -> _ReadsAtOnce:
+    """A blocking client connects and ``send(sock)`` acts before the reactor accepts."""
+    server = _ReadsAtOnce()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    cleanup.append(_Stop(port.stopListening))
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    cleanup.append(_Stop(client.close))
+    send(client)  # the kernel completed the handshake: the reactor has not run yet
+    await wait_for(lambda: server.at_made is not None, what="the accept")
+    return server
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_reads_a_request_that_came_with_the_connection(cleanup: Cleanup) -> None:
+    server = await _accepted(cleanup, lambda client: client.sendall(b"POST / HTTP/1.1\r\n"))
+    assert server.at_made == b"POST / HTTP/1.1\r\n"  # read in the turn that accepted it
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_leaves_a_quiet_connection_to_the_reactor(cleanup: Cleanup) -> None:
+    sent: list[Any] = []
+    server = await _accepted(cleanup, sent.append)
+    assert server.at_made == b"" and server.reason is None
+    sent[0].sendall(b"later")
+    await wait_for(lambda: server.data == b"later", what="the later bytes")
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_leaves_the_end_of_a_connection_to_the_reactor(cleanup: Cleanup) -> None:
+    def send_and_close(client: socket.socket) -> None:
+        client.sendall(b"all")
+        client.shutdown(socket.SHUT_WR)
+
+    server = await _accepted(cleanup, send_and_close)
+    assert server.at_made == b"all"
+    await deadline(server.ended, what="the end")  # found by the reactor's own read
+
+    def reset(client: socket.socket) -> None:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+
+    server = await _accepted(cleanup, reset)
+    await deadline(server.ended, what="the end after a reset")
+    assert server.data == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_cuts_a_connection_whose_protocol_fails(
+    cleanup: Cleanup, monkeypatch: Any
+) -> None:
+    # What the reactor does with a protocol that raises: log it, end the connection.
+    class Broken(_ReadsAtOnce):
+        def dataReceived(self, data: bytes) -> None:
+            raise RuntimeError("a bug")
+
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(_twisted, "_log", Logger(observer=events.append))
+    server = Broken()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    cleanup.append(_Stop(port.stopListening))
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    cleanup.append(_Stop(client.close))
+    client.sendall(b"anything")
+    await deadline(server.ended, what="the connection cut")
+    [event] = events
+    assert event["log_failure"].check(RuntimeError)
