@@ -214,9 +214,7 @@ class Exchange:
                 self.record.error_message = outcome.error_message
             request.send_whole(outcome.status, [request_id, *outcome.headers], outcome.body)
             return
-        request.responseHeaders.setRawHeaders(*request_id)
-        request.setResponseCode(outcome.status)
-        _apply(request, outcome.headers)
+        request.start_stream(outcome.status, [request_id, *outcome.headers])
         try:
             await outcome.body.write_to(request)
         except CancelledError:
@@ -290,12 +288,6 @@ def _host(request: Request) -> str | None:
     return getattr(address, "host", None)
 
 
-def _apply(request: Request, headers: RawHeaders) -> None:
-    set_header = request.responseHeaders.setRawHeaders
-    for name, values in headers:
-        set_header(name, values)
-
-
 def error_response(request: Request, error: GatewayError) -> bytes:
     """Set ``error``'s status and headers on ``request``; return its JSON body."""
     body = error.to_json()
@@ -326,6 +318,8 @@ class NexusRequest(Request):
     _read_deadline: IDelayedCall | None = None
     #: Headers and body are in (the read deadline no longer applies).
     _read_done = False
+    #: A stream's head, waiting for the first piece of its body (``start_stream``).
+    _held_head: bytes | None = None
 
     def __init__(self, channel: NexusChannel, *args: Any, **kwargs: Any) -> None:
         # The gateway never reads form posts: skip Twisted's Content-Type parsing of every POST.
@@ -359,24 +353,76 @@ class NexusRequest(Request):
         channel = self.channel
         if channel is None or self.startedWriting or self.finished:
             return  # the client is gone (the record says 499), or this is a bug: never twice
-        self.setResponseCode(status)
-        lines: dict[bytes, Sequence[bytes]] = dict(self.responseHeaders.getAllRawHeaders())
-        for name, values in headers:
-            lines[header_name(name)] = values
         bodiless = status in NO_BODY_CODES or self.method == b"HEAD"
-        default_type = self.defaultContentType
-        if b"Content-Type" not in lines and body and not bodiless and default_type is not None:
-            lines[b"Content-Type"] = [default_type]
+        lines = self._head_lines(status, headers, bool(body) and not bodiless)
         if status != 204:  # RFC 9110 section 8.6: never on a 204
             lines[b"Content-Length"] = [b"%d" % len(body)]
-        status_line = b"%s %d %s" % (self.clientproto, status, self.code_message)
-        parts = head_parts(status_line, lines.items())
+        parts = self._head(status, lines)
         if not bodiless:
             parts.append(body)
             self.sentLength = len(body)
         self.startedWriting = 1
         channel.write(b"".join(parts))
         self.finish()
+
+    def start_stream(self, status: int, headers: RawHeaders) -> None:
+        """Begin an answer whose body is written in pieces (a relayed stream).
+
+        The head is what ``setResponseCode``, ``setRawHeaders`` and the first
+        ``write`` would send (chunked to an HTTP/1.1 client, as Twisted
+        does), built at once like ``send_whole``'s; it is held until the
+        first piece of the body, so that both leave in one packet (or until
+        ``finish``, for a body that ends empty).
+        """
+        if self.channel is None or self.startedWriting or self.finished:
+            return  # the client is gone (the record says 499)
+        bodiless = status in NO_BODY_CODES or self.method == b"HEAD"
+        lines = self._head_lines(status, headers, not bodiless)
+        if self.clientproto == b"HTTP/1.1" and not bodiless:
+            lines[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        self.startedWriting = 1
+        self._held_head = b"".join(self._head(status, lines))
+        if bodiless:
+            self.write(b"")  # the head alone; Twisted's write drops a body after it
+            self.write = lambda data: None  # type: ignore[method-assign]
+
+    def _head_lines(
+        self, status: int, headers: RawHeaders, typed: bool
+    ) -> dict[bytes, Sequence[bytes]]:
+        """The head's fields: Twisted's (``Date``, ``Connection: close``), then ``headers``.
+
+        A later name replaces an earlier one; with ``typed``, a ``Content-Type``
+        is added when none was given (twisted.web's default).
+        """
+        self.setResponseCode(status)
+        lines: dict[bytes, Sequence[bytes]] = dict(self.responseHeaders.getAllRawHeaders())
+        for name, values in headers:
+            lines[header_name(name)] = values
+        default_type = self.defaultContentType
+        if typed and b"Content-Type" not in lines and default_type is not None:
+            lines[b"Content-Type"] = [default_type]
+        return lines
+
+    def _head(self, status: int, lines: dict[bytes, Sequence[bytes]]) -> list[bytes]:
+        status_line = b"%s %d %s" % (self.clientproto, status, self.code_message)
+        return head_parts(status_line, lines.items())
+
+    def write(self, data: bytes) -> None:
+        head = self._held_head
+        if head is None:
+            super().write(data)
+            return
+        # The first piece of a stream: it leaves with the head (start_stream).
+        if self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if self._disconnected:
+            return
+        self._held_head = None
+        self.sentLength += len(data)
+        if data and self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.channel.write(head + data)
 
     def begin_exchange(self) -> Exchange:
         """Start the exchange of this inference request (its record starts now)."""
@@ -430,6 +476,8 @@ class NexusRequest(Request):
         super().requestReceived(command, path, version)
 
     def finish(self) -> None:
+        if self._held_head is not None and not self._disconnected:
+            self.write(b"")  # a stream that ended before a byte of its body: its head
         super().finish()
         exchange = self.exchange
         if exchange is not None:

@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from nexus.config import ServerConfig
 from nexus.errors import Unauthorized
@@ -367,6 +368,78 @@ def _counting_lines(served: Served) -> list[bytes]:
 
 def _without_date(data: bytes) -> bytes:
     return b"\r\n".join(x for x in data.split(b"\r\n") if not x.startswith(b"Date: "))
+
+
+class _Events:
+    """A stream body that writes ``events`` at once and ends."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events = events
+
+    def write_to(self, consumer: IConsumer) -> Deferred[None]:
+        for event in self.events:
+            consumer.write(event)
+        return succeed(None)
+
+    def stop(self) -> None:
+        pass
+
+
+_STREAM_HEADERS = [(b"content-type", [b"text/event-stream"]), (b"cache-control", [b"no-cache"])]
+
+
+class _TwistedStream(Resource):
+    """The same stream written by twisted.web's own Request, header by header."""
+
+    isLeaf = True
+
+    def __init__(self, events: list[bytes]) -> None:
+        super().__init__()
+        self.events = events
+
+    def render(self, request: Any) -> object:
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"x-request-id", [b"same-id"])
+        for name, values in _STREAM_HEADERS:
+            request.responseHeaders.setRawHeaders(name, values)
+        for event in self.events:
+            request.write(event)
+        request.finish()
+        return NOT_DONE_YET
+
+
+def _answer_lines(data: bytes) -> tuple[bytes, list[bytes], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    kept = sorted(x for x in lines if not x.startswith((b"Date: ", b"Server: ")))
+    return status, kept, body
+
+
+@pytest.mark.parametrize("events", [[b"data: 1\n\n", b"data: 2\n\n"], []], ids=["events", "empty"])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [_WHOLE, _WHOLE.replace(b"Host: gateway", b"Connection: close"),
+     _WHOLE.replace(b"HTTP/1.1", b"HTTP/1.0")],
+    ids=["keep-alive", "close", "http-1.0"],
+)
+def test_a_stream_s_head_leaves_with_its_first_event_as_twisted_would_write_them(
+    request_bytes: bytes, events: list[bytes]
+) -> None:
+    served = Served(lambda exchange: succeed(Stream(200, _STREAM_HEADERS, _Events(events))))  # type: ignore[arg-type,return-value]
+    writes: list[bytes] = []
+    write = served.transport.write
+    served.transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    served.send(request_bytes)
+    reference = Site(_TwistedStream(events)).buildProtocol(None)
+    transport = StringTransport()
+    reference.makeConnection(transport)
+    reference.dataReceived(request_bytes)
+    assert _answer_lines(served.transport.value()) == _answer_lines(transport.value())
+    assert served.transport.disconnecting == transport.disconnecting
+    if events:  # the head and the first event in one write (one packet)
+        assert writes[0].startswith(request_bytes.split(b"\r\n")[0][-8:] + b" 200 OK\r\n")
+        assert writes[0].endswith(events[0] + (b"\r\n" if b"1.1" in request_bytes else b""))
+    assert served.records[0].status == 200
 
 
 def test_a_whole_request_skips_the_line_parser_and_is_served_like_one_read_line_by_line() -> None:
