@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -442,15 +443,21 @@ def test_a_stream_s_head_leaves_with_its_first_event_as_twisted_would_write_them
     assert served.records[0].status == 200
 
 
-def test_a_whole_request_skips_the_line_parser_and_is_served_like_one_read_line_by_line() -> None:
-    answers = []
-    for pieces in ([_WHOLE], [bytes([b]) for b in _WHOLE]):  # one read; one byte per read
+def _whole_then_byte_by_byte(data: bytes) -> Iterator[tuple[Served, list[Exchange]]]:
+    """``data`` served from one read (``whole_request``), then from one byte per read (Twisted)."""
+    for pieces in ([data], [bytes([b]) for b in data]):
         seen: list[Exchange] = []
         served = Served(_echo_handler(seen))
         lines = _counting_lines(served)
         for piece in pieces:
             served.send(piece)
         assert (len(lines) == 0) == (len(pieces) == 1)  # whole: no line went through Twisted
+        yield served, seen
+
+
+def test_a_whole_request_skips_the_line_parser_and_is_served_like_one_read_line_by_line() -> None:
+    answers = []
+    for served, seen in _whole_then_byte_by_byte(_WHOLE):
         [exchange] = seen
         request = exchange.request
         assert served.response()[2] == b'{"model": "m"}'  # the body the handler read, echoed
@@ -472,13 +479,7 @@ def test_a_whole_request_with_a_connection_header_means_what_it_means_to_twisted
     # One-shot clients (curl, a benchmark's streams) send "Connection: close".
     data = _WHOLE.replace(b"Host: gateway", b"Connection: " + connection)
     answers = []
-    for pieces in ([data], [bytes([b]) for b in data]):  # one read; one byte per read
-        seen: list[Exchange] = []
-        served = Served(_echo_handler(seen))
-        lines = _counting_lines(served)
-        for piece in pieces:
-            served.send(piece)
-        assert (len(lines) == 0) == (len(pieces) == 1)
+    for served, seen in _whole_then_byte_by_byte(data):
         assert served.response()[2] == b'{"model": "m"}' and len(seen) == 1
         answers.append((_without_date(served.transport.value()), served.transport.disconnecting))
     assert answers[0] == answers[1]
