@@ -376,16 +376,13 @@ class NexusRequest(Request):
         """
         if self.channel is None or self.startedWriting or self.finished:
             return  # the client is gone (the record says 499)
-        bodiless = status in NO_BODY_CODES or self.method == b"HEAD"
-        lines = self._head_lines(status, headers, not bodiless)
-        if self.clientproto == b"HTTP/1.1" and not bodiless:
+        # A relayed stream always has a body: a POST's answer, never a 204 or 304.
+        lines = self._head_lines(status, headers, typed=True)
+        if self.clientproto == b"HTTP/1.1":
             lines[b"Transfer-Encoding"] = [b"chunked"]
             self.chunked = 1
         self.startedWriting = 1
         self._held_head = b"".join(self._head(status, lines))
-        if bodiless:
-            self.write(b"")  # the head alone; Twisted's write drops a body after it
-            self.write = lambda data: None  # type: ignore[method-assign]
 
     def _head_lines(
         self, status: int, headers: RawHeaders, typed: bool
